@@ -1,0 +1,44 @@
+"""``jupyter dua-guard``: the command line of the guard, in Jupyter's subcommand style."""
+
+import sys
+
+from jupyter_core.application import JupyterApp
+
+from ._version import __version__
+from .config import DUAGuard
+
+
+class DUAGuardApp(JupyterApp):
+    """Review, verify and report the DUA guard's records."""
+
+    name = "jupyter-dua-guard"
+    version = __version__
+    description = (
+        "jupyter-dua-guard keeps work on NCI SEER / NCCR controlled-access data inside the "
+        "Data Use Agreement: it refuses external AI services (sec. 22), records AI/ML use and "
+        "flags individual-level outputs (sec. 17/8).\n\n"
+        "Settings come from the same jupyter_server_config.py/json files as the server "
+        "(c.DUAGuard.*) and from --DUAGuard.<setting>=... on the command line."
+    )
+    classes = [DUAGuard]
+    subcommands: dict = {}
+
+    # Read the server's configuration files so that the command line sees the same settings.
+    config_file_name = "jupyter_server_config"
+
+    def start(self) -> None:
+        if self.subapp is not None:
+            self.subapp.start()
+            return
+        self.print_help()
+        if self.subcommands:
+            print("Subcommands: " + ", ".join(sorted(self.subcommands)))
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of ``jupyter-dua-guard``."""
+    DUAGuardApp.launch_instance(argv=argv if argv is not None else sys.argv[1:])
+
+
+if __name__ == "__main__":
+    main()
