@@ -1,10 +1,9 @@
 """The Jupyter server extension: loads the ``DUAGuard`` settings and serves the API."""
 
 from jupyter_server.extension.application import ExtensionApp
-from traitlets import Instance
 
 from ._version import __version__
-from .config import DUAGuard
+from .config import DUAGuard, SettingsError
 from .handlers import StatusHandler
 
 API_PREFIX = "/dua-guard/api"
@@ -17,10 +16,15 @@ class DUAGuardExtension(ExtensionApp):
     version = __version__
     load_other_extensions = True
 
-    guard = Instance(DUAGuard, help="The active DUA guard settings.")
+    guard: DUAGuard
 
     def initialize_settings(self) -> None:
-        self.guard = DUAGuard(parent=self)
+        try:
+            self.guard = DUAGuard.load(self)
+        except SettingsError as error:
+            # Fail closed: a server whose guard settings cannot be read must not start unguarded.
+            self.log.critical(str(error))
+            raise SystemExit(str(error)) from None
         state = "active" if self.guard.enabled else "OFF (DUAGuard.enabled=False)"
         self.log.info("jupyter-dua-guard %s: guard %s", __version__, state)
 

@@ -5,7 +5,7 @@ import sys
 from jupyter_core.application import JupyterApp
 
 from ._version import __version__
-from .config import DUAGuard
+from .config import DUAGuard, SettingsError
 
 
 class DUAGuardApp(JupyterApp):
@@ -22,9 +22,22 @@ class DUAGuardApp(JupyterApp):
     )
     classes = [DUAGuard]
     subcommands: dict = {}
+    guard: DUAGuard
 
     # Read the server's configuration files so that the command line sees the same settings.
     config_file_name = "jupyter_server_config"
+
+    def initialize(self, argv: list[str] | None = None) -> None:
+        super().initialize(argv)
+        try:
+            self.guard = DUAGuard.load(self)
+        except SettingsError as error:
+            self.exit_with_error(str(error))
+
+    def exit_with_error(self, message: str, code: int = 2) -> None:
+        """Stop with one line on stderr: the problem and its fix, never a traceback."""
+        print(message, file=sys.stderr)
+        self.exit(code)
 
     def start(self) -> None:
         if self.subapp is not None:
