@@ -14,7 +14,7 @@ from jupyter_core.application import JupyterApp
 from traitlets import Bool, Enum, List, Unicode
 
 from ._version import __version__
-from .config import DUAGuard
+from .config import DUAGuard, SettingsError
 from .events import EVENT_KINDS
 from .ledger import Ledger, LedgerError, open_ledger
 
@@ -32,7 +32,10 @@ class LedgerCommand(JupyterApp):
     command = "ledger"
 
     def open(self) -> Ledger:
-        guard = DUAGuard(parent=self)
+        try:
+            guard = DUAGuard.load(self)
+        except SettingsError as error:
+            raise LedgerError(str(error)) from None
         return open_ledger(guard.ledger_url, create=False)
 
     def run(self) -> int:  # pragma: no cover - overridden
