@@ -52,7 +52,7 @@ LEDGER_FORMAT = "jupyter-dua-guard-ledger"
 LEDGER_VERSION = "1"
 GENESIS = "0" * 64
 SQLITE_MAGIC = b"SQLite format 3\x00"
-_HEX64 = re.compile(r"[0-9a-f]{64}")
+_CANON_TIME = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{6}Z")
 
 
 class LedgerError(Exception):
@@ -211,11 +211,10 @@ class Ledger(abc.ABC):
         ctx = events.current_context()
         if context:
             ctx.update(context)
-        time = parse_time(ctx.pop("time", None)) or events.utc_now()
-        # Round-trip now so that what is hashed is exactly what readers will see.
-        data_clean = json.loads(canonical_json(dict(data)))
-        ctx_clean = json.loads(canonical_json(ctx))
-        return {"time": time, "kind": kind, "context": ctx_clean, "data": data_clean}
+        time = ctx.pop("time", None)
+        if not (isinstance(time, str) and _CANON_TIME.fullmatch(time)):
+            time = parse_time(time) or events.utc_now()
+        return {"time": time, "kind": kind, "context": ctx, "data": dict(data)}
 
     @staticmethod
     def _chain(prepared: list[dict[str, Any]], seq: int, prev: str) -> list[dict[str, Any]]:
@@ -225,7 +224,9 @@ class Ledger(abc.ABC):
             seq += 1
             body = canonical_json({"seq": seq, **event})
             digest = record_hash(prev, body)
-            out.append({"seq": seq, **event, "prev": prev, "hash": digest, "_body": body})
+            # Hand back exactly what readers will see (JSON types, str() of odd values).
+            stored = json.loads(body)
+            out.append({**stored, "prev": prev, "hash": digest, "_body": body})
             prev = digest
         return out
 
@@ -262,9 +263,14 @@ class Ledger(abc.ABC):
         """``(seq, hash)`` of the newest record, ``(0, GENESIS)`` when empty."""
 
     @abc.abstractmethod
-    def aggregate(self, since: Any = None, until: Any = None) -> list[dict[str, Any]]:
-        """Grouped usage for reports: kind, subject, detail, extra, host, platform, user,
-        kernel, notebook with first/last time and count."""
+    def aggregate(self, since: Any = None, until: Any = None) -> dict[str, Any]:
+        """Usage for reports, aggregated by the backend so that reports stay fast.
+
+        ``groups``: kind, subject, detail, extra, host, platform, user, first, last, count;
+        ``distinct``: kind, subject, detail, extra, kernels, notebooks (AI/ML tools per
+        subject, egress and flags per subject/detail/extra); ``kernels``: distinct kernels
+        started or importing AI/ML tools; ``notebooks``: distinct notebook paths.
+        """
 
     @abc.abstractmethod
     def verify(self, head: str | None = None) -> VerifyResult:
@@ -365,9 +371,7 @@ _SCHEMA = [
     "CREATE INDEX ledger_records_notebook ON ledger_records (notebook)",
 ]
 
-_AGG_COLUMNS = (
-    "kind", "subject", "detail", "extra", "host", "platform", "user", "kernel", "notebook",
-)  # fmt: skip
+_AGG_COLUMNS = ("kind", "subject", "detail", "extra", "host", "platform", "user")
 
 
 def _norm_sql(sql: str | None) -> str:
@@ -707,24 +711,65 @@ class SQLiteLedger(Ledger):
                 raise self._fail(exc, "read") from None
         return (int(row[0]), str(row[1])) if row else (0, GENESIS)
 
-    def aggregate(self, since: Any = None, until: Any = None) -> list[dict[str, Any]]:
+    def aggregate(self, since: Any = None, until: Any = None) -> dict[str, Any]:
         where, params = self._where(since, until, None, None)
+        and_where = where.replace("WHERE ", "AND ", 1)
         cols = ", ".join(_AGG_COLUMNS)
-        sql = (
-            f"SELECT {cols}, min(time), max(time), count(*) FROM ledger_records {where} "
-            f"GROUP BY {cols}"
-        )
+        queries = {
+            # streams along the report index: no sort, one row per group
+            "groups": (
+                f"SELECT {cols}, min(time), max(time), count(*) FROM ledger_records {where} "
+                f"GROUP BY {cols}"
+            ),
+            "distinct": (
+                "SELECT kind, subject, NULL, NULL, count(DISTINCT kernel), "
+                "count(DISTINCT notebook) FROM ledger_records WHERE kind = 'ai_ml_import' "
+                f"{and_where} GROUP BY kind, subject "
+                "UNION ALL SELECT kind, subject, detail, extra, count(DISTINCT kernel), "
+                "count(DISTINCT notebook) FROM ledger_records WHERE kind IN "
+                "('egress_blocked', 'egress_allowed_ai', 'output_flagged') "
+                f"{and_where} GROUP BY kind, subject, detail, extra"
+            ),
+            "kernels": (
+                "SELECT count(DISTINCT kernel) FROM ledger_records WHERE kind IN "
+                f"('kernel_started', 'ai_ml_import') {and_where}"
+            ),
+            "started": (
+                "SELECT count(DISTINCT kernel) FROM ledger_records WHERE kind = "
+                f"'kernel_started' {and_where}"
+            ),
+            "notebooks": (
+                "SELECT DISTINCT notebook FROM ledger_records WHERE notebook IS NOT NULL "
+                f"{and_where} ORDER BY notebook"
+            ),
+        }
+        args = {k: params * (2 if k == "distinct" else 1) for k in queries}
         with self._lock:
             try:
-                rows = self._conn.execute(sql, params).fetchall()
+                conn = self._conn
+                conn.execute("BEGIN")  # one snapshot for every section
+                try:
+                    rows = {k: conn.execute(q, args[k]).fetchall() for k, q in queries.items()}
+                finally:
+                    conn.execute("COMMIT")
             except sqlite3.Error as exc:
                 raise self._fail(exc, "read") from None
-        out = []
-        for row in rows:
-            item = dict(zip(_AGG_COLUMNS, row[: len(_AGG_COLUMNS)], strict=True))
-            item["first"], item["last"], item["count"] = row[len(_AGG_COLUMNS) :]
-            out.append(item)
-        return out
+        n = len(_AGG_COLUMNS)
+        return {
+            "groups": [
+                {**dict(zip(_AGG_COLUMNS, r[:n], strict=True)),
+                 "first": r[n], "last": r[n + 1], "count": r[n + 2]}
+                for r in rows["groups"]
+            ],
+            "distinct": [
+                dict(zip(("kind", "subject", "detail", "extra", "kernels", "notebooks"), r,
+                         strict=True))
+                for r in rows["distinct"]
+            ],
+            "kernels": rows["kernels"][0][0],
+            "kernels_started": rows["started"][0][0],
+            "notebooks": [r[0] for r in rows["notebooks"]],
+        }  # fmt: skip
 
     # -- verification
     def verify(self, head: str | None = None) -> VerifyResult:

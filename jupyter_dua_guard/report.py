@@ -72,6 +72,7 @@ def build_report(
     ledger: Ledger, since: Any = None, until: Any = None, head: str | None = None
 ) -> dict[str, Any]:
     """Everything NIH asks for in sec. 22, for the period, as plain data."""
+    usage = ledger.aggregate(since, until)
     tools: dict[str, dict[str, Any]] = {}
     locations: dict[tuple, dict[str, Any]] = {}
     egress: dict[str, dict[tuple, dict[str, Any]]] = {
@@ -80,9 +81,6 @@ def build_report(
     }
     flagged: dict[str, dict[str, Any]] = {}
     data_read: dict[str, dict[str, Any]] = {}
-    kernels: set[str] = set()
-    started: set[str] = set()
-    notebooks: set[str] = set()
     total = 0
 
     def span(item: dict[str, Any], row: dict[str, Any]) -> None:
@@ -90,65 +88,57 @@ def build_report(
         item["last"] = max(filter(None, [item.get("last"), row["last"]]), default=None)
         item["count"] = item.get("count", 0) + row["count"]
 
-    for row in ledger.aggregate(since, until):
+    for row in usage["groups"]:
         total += row["count"]
-        kind, kernel, notebook = row["kind"], row["kernel"], row["notebook"]
-        if kernel:
-            kernels.add(kernel)
-        if notebook:
-            notebooks.add(notebook)
+        kind = row["kind"]
         loc_key = (row["host"], row["platform"], row["user"])
         loc = locations.setdefault(
-            loc_key,
-            {"host": row["host"], "platform": row["platform"], "user": row["user"],
-             "_kernels": set(), "_notebooks": set()},
-        )  # fmt: skip
+            loc_key, {"host": row["host"], "platform": row["platform"], "user": row["user"]}
+        )
         span(loc, row)
-        if kernel:
-            loc["_kernels"].add(kernel)
-        if notebook:
-            loc["_notebooks"].add(notebook)
-        if kind == events.KERNEL_STARTED and kernel:
-            started.add(kernel)
-        elif kind == events.AI_ML_IMPORT:
+        if kind == events.AI_ML_IMPORT:
             name = row["subject"] or "(unknown)"
             tool = tools.setdefault(
                 name,
-                {"tool": name, "_versions": {}, "_categories": set(), "_kernels": set(),
-                 "_notebooks": set(), "_locations": set()},
+                {"tool": name, "_versions": {}, "_categories": set(), "_locations": set(),
+                 "kernels": 0, "notebooks": 0},
             )  # fmt: skip
             span(tool, row)
-            version = tool["_versions"].setdefault(row["detail"] or "unknown", {})
-            span(version, row)
+            span(tool["_versions"].setdefault(row["detail"] or "unknown", {}), row)
             if row["extra"]:
                 tool["_categories"].add(row["extra"])
-            if kernel:
-                tool["_kernels"].add(kernel)
-            if notebook:
-                tool["_notebooks"].add(notebook)
             tool["_locations"].add(f"{row['host']} ({row['platform']})")
         elif kind in egress:
             key = (row["subject"], row["detail"], row["extra"])
             item = egress[kind].setdefault(
                 key,
                 {"host": row["subject"], "port": row["detail"], "rule": row["extra"],
-                 "_notebooks": set(), "_kernels": set()},
+                 "kernels": 0, "notebooks": 0},
             )  # fmt: skip
             span(item, row)
-            if notebook:
-                item["_notebooks"].add(notebook)
-            if kernel:
-                item["_kernels"].add(kernel)
         elif kind == events.OUTPUT_FLAGGED:
-            item = flagged.setdefault(row["subject"] or "", {"rule": row["subject"], "_nb": set()})
+            item = flagged.setdefault(
+                row["subject"] or "", {"rule": row["subject"], "kernels": 0, "notebooks": 0}
+            )
             span(item, row)
-            if notebook:
-                item["_nb"].add(notebook)
         elif kind == events.DATA_READ:
             item = data_read.setdefault(
                 row["subject"] or "", {"path": row["subject"], "format": row["detail"]}
             )
             span(item, row)
+
+    for row in usage["distinct"]:
+        kind = row["kind"]
+        target = None
+        if kind == events.AI_ML_IMPORT:
+            target = tools.get(row["subject"] or "(unknown)")
+        elif kind in egress:
+            target = egress[kind].get((row["subject"], row["detail"], row["extra"]))
+        elif kind == events.OUTPUT_FLAGGED:
+            target = flagged.get(row["subject"] or "")
+        if target is not None:
+            target["kernels"] += row["kernels"]
+            target["notebooks"] += row["notebooks"]
 
     def finish_sets(item: dict[str, Any]) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -158,11 +148,6 @@ def build_report(
                     {"version": v, "first": s["first"], "last": s["last"], "count": s["count"]}
                     for v, s in sorted(value.items())
                 ]
-            elif key in ("_kernels", "_nb", "_notebooks"):
-                name = "kernels" if key == "_kernels" else "notebooks"
-                out[name] = len(value)
-                if name == "notebooks":
-                    out["notebook_paths"] = sorted(value)
             elif key == "_categories":
                 out["categories"] = sorted(value)
             elif key == "_locations":
@@ -187,9 +172,9 @@ def build_report(
         "ledger": ledger.url,
         "period": {"since": since or None, "until": until or None},
         "events": total,
-        "kernels": len(kernels),
-        "kernels_started": len(started),
-        "notebooks": sorted(notebooks),
+        "kernels": usage["kernels"],
+        "kernels_started": usage["kernels_started"],
+        "notebooks": usage["notebooks"],
         "tools": [finish_sets(t) for _, t in sorted(tools.items(), key=lambda kv: kv[0].lower())],
         "locations": [finish_sets(v) for _, v in sorted(locations.items(), key=lambda kv: str(kv[0]))],
         "egress_blocked": [
@@ -239,8 +224,7 @@ def render_csv(report: dict[str, Any]) -> str:
                           "detail": ", ".join(tool["categories"])})  # fmt: skip
     for loc in report["locations"]:
         out.writerow({"section": "location", "item": loc["host"], "first": loc["first"],
-                      "last": loc["last"], "count": loc["count"], "kernels": loc["kernels"],
-                      "notebooks": loc["notebooks"], "locations": loc["platform"],
+                      "last": loc["last"], "count": loc["count"], "locations": loc["platform"],
                       "detail": f"user {loc['user']}"})  # fmt: skip
     for section in ("egress_blocked", "egress_allowed_ai"):
         for item in report[section]:
@@ -331,10 +315,9 @@ def render_html(report: dict[str, Any]) -> str:
         ),  # fmt: skip
         "<h2>Locations of processing</h2>",
         _table(
-            ["Host", "Platform", "User", "First event", "Last event", "Events", "Kernels",
-             "Notebooks"],
-            [[loc["host"], loc["platform"], loc["user"], loc["first"], loc["last"], loc["count"],
-              loc["kernels"], loc["notebooks"]] for loc in report["locations"]],
+            ["Host", "Platform", "User", "First event", "Last event", "Events"],
+            [[loc["host"], loc["platform"], loc["user"], loc["first"], loc["last"], loc["count"]]
+             for loc in report["locations"]],
             "No events in this period.",
         ),  # fmt: skip
         "<h2>Blocked egress attempts</h2>",
