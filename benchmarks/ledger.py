@@ -22,8 +22,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from jupyter_dua_guard.ledger import GENESIS, open_ledger  # noqa: E402
-from jupyter_dua_guard.report import build_report, render_html  # noqa: E402
+from jupyter_dua_guard.ledger import GENESIS, open_ledger
+from jupyter_dua_guard.report import build_report, render_html
 
 
 def _writer(url: str, n: int, batch: int, start: mp.Event, done: mp.Queue) -> None:
@@ -67,37 +67,74 @@ def generate(path: Path, total: int, seed: int = 7) -> None:
     """Bulk-write ``total`` synthetic, correctly chained events (no case-level values)."""
     open_ledger(f"sqlite:///{path}").close()  # create with the real schema
     rng = random.Random(seed)
-    hosts = [("hpc-node-1", "Linux-5.14-x86_64"), ("hpc-node-2", "Linux-5.14-x86_64"),
-             ("laptop-7", "macOS-14.5-arm64"), ("vdi-3", "Windows-10-AMD64")]  # fmt: skip
+    hosts = [
+        ("hpc-node-1", "Linux-5.14-x86_64"),
+        ("hpc-node-2", "Linux-5.14-x86_64"),
+        ("laptop-7", "macOS-14.5-arm64"),
+        ("vdi-3", "Windows-10-AMD64"),
+    ]
     users = ["analyst1", "analyst2", "pi"]
     notebooks = [f"projects/study-{i // 20}/nb-{i}.ipynb" for i in range(300)]
     kernels = [f"{rng.getrandbits(128):032x}" for _ in range(5000)]
     contexts = []
     for i, kernel in enumerate(kernels):
         host, plat = hosts[i % len(hosts)]
-        contexts.append(canonical({
-            "user": users[i % 3], "host": host, "platform": plat, "kernel_id": kernel,
-            "notebook": notebooks[i % len(notebooks)], "python": "3.11.7",
-            "guard_version": "0.1.0", "pid": 1000 + i,
-        }))  # fmt: skip
-    tools = [(f"tool{i}", f"tool-dist-{i}", f"{1 + i % 4}.{v}.0", "ml") for i in range(40)
-             for v in range(3)]  # fmt: skip
+        contexts.append(
+            canonical(
+                {
+                    "user": users[i % 3],
+                    "host": host,
+                    "platform": plat,
+                    "kernel_id": kernel,
+                    "notebook": notebooks[i % len(notebooks)],
+                    "python": "3.11.7",
+                    "guard_version": "0.1.0",
+                    "pid": 1000 + i,
+                }
+            )
+        )
+    tools = [
+        (f"tool{i}", f"tool-dist-{i}", f"{1 + i % 4}.{v}.0", "ml")
+        for i in range(40)
+        for v in range(3)
+    ]
     pools = {
-        "ai_ml_import": [canonical({"name": a, "distribution": b, "version": c, "category": d})
-                         for a, b, c, d in tools],
-        "data_read": [canonical({"path": f"/data/seer/extract-{i}.csv", "format": "csv"})
-                      for i in range(50)],
-        "egress_blocked": [canonical({"host": f"llm{i}.example.test", "port": 443,
-                                      "rule": "ai-endpoint"}) for i in range(30)],
-        "egress_allowed_ai": [canonical({"host": "ai.internal.test", "port": 443,
-                                         "rule": "allow:institutional"})],
+        "ai_ml_import": [
+            canonical({"name": a, "distribution": b, "version": c, "category": d})
+            for a, b, c, d in tools
+        ],
+        "data_read": [
+            canonical({"path": f"/data/seer/extract-{i}.csv", "format": "csv"}) for i in range(50)
+        ],
+        "egress_blocked": [
+            canonical({"host": f"llm{i}.example.test", "port": 443, "rule": "ai-endpoint"})
+            for i in range(30)
+        ],
+        "egress_allowed_ai": [
+            canonical({"host": "ai.internal.test", "port": 443, "rule": "allow:institutional"})
+        ],
         "output_flagged": [canonical({"rule": r, "cell": 3}) for r in ("small-cell", "id-column")],
-        "review_signed": [canonical({"reviewer": "Dr. Synthetic", "notebook": "nb.ipynb",
-                                     "scope": "figures", "statement": "reviewed"})],
-    }  # fmt: skip
-    weights = [("ai_ml_import", 700), ("data_read", 150), ("egress_blocked", 80),
-               ("kernel_started", 30), ("egress_allowed_ai", 20), ("output_flagged", 15),
-               ("model_artifact_written", 4), ("review_signed", 1)]  # fmt: skip
+        "review_signed": [
+            canonical(
+                {
+                    "reviewer": "Dr. Synthetic",
+                    "notebook": "nb.ipynb",
+                    "scope": "figures",
+                    "statement": "reviewed",
+                }
+            )
+        ],
+    }
+    weights = [
+        ("ai_ml_import", 700),
+        ("data_read", 150),
+        ("egress_blocked", 80),
+        ("kernel_started", 30),
+        ("egress_allowed_ai", 20),
+        ("output_flagged", 15),
+        ("model_artifact_written", 4),
+        ("review_signed", 1),
+    ]
     kinds = [k for k, w in weights for _ in range(w)]
     start = 1_767_225_600.0  # 2026-01-01
     step = 365 * 86400 / total
@@ -111,28 +148,38 @@ def generate(path: Path, total: int, seed: int = 7) -> None:
         kind = kinds[rng.randrange(len(kinds))]
         ki = rng.randrange(len(kernels))
         if kind == "kernel_started":
-            data = canonical({"kernel_id": kernels[ki], "kernel_name": "python3",
-                              "notebook": notebooks[ki % len(notebooks)]})  # fmt: skip
+            data = canonical(
+                {
+                    "kernel_id": kernels[ki],
+                    "kernel_name": "python3",
+                    "notebook": notebooks[ki % len(notebooks)],
+                }
+            )
         elif kind == "model_artifact_written":
-            data = canonical({"path": f"/tmp/models-{seed}/model-{seq}.pt", "size": 1024,
-                              "library": "torch"})  # fmt: skip
+            data = canonical(
+                {"path": f"/tmp/models-{seed}/model-{seq}.pt", "size": 1024, "library": "torch"}
+            )
         else:
             pool = pools[kind]
             data = pool[rng.randrange(len(pool))]
         moment = time.gmtime(start + seq * step)
         stamp = time.strftime("%Y-%m-%dT%H:%M:%S", moment) + f".{seq % 1_000_000:06d}Z"
-        body = (f'{{"context":{contexts[ki]},"data":{data},"kind":"{kind}",'
-                f'"seq":{seq},"time":"{stamp}"}}')  # fmt: skip
+        body = (
+            f'{{"context":{contexts[ki]},"data":{data},"kind":"{kind}",'
+            f'"seq":{seq},"time":"{stamp}"}}'
+        )
         digest = sha(f"{prev}\n{body}".encode()).hexdigest()
         rows.append((seq, prev, digest, body))
         prev = digest
         if len(rows) == 50_000:
-            conn.executemany("INSERT INTO ledger_records (seq, prev, hash, body) VALUES "
-                             "(?, ?, ?, ?)", rows)  # fmt: skip
+            conn.executemany(
+                "INSERT INTO ledger_records (seq, prev, hash, body) VALUES (?, ?, ?, ?)", rows
+            )
             rows.clear()
     if rows:
-        conn.executemany("INSERT INTO ledger_records (seq, prev, hash, body) VALUES (?, ?, ?, ?)",
-                         rows)  # fmt: skip
+        conn.executemany(
+            "INSERT INTO ledger_records (seq, prev, hash, body) VALUES (?, ?, ?, ?)", rows
+        )
     conn.execute("COMMIT")
     conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     conn.execute("ANALYZE")
@@ -165,27 +212,37 @@ def main() -> None:
         with open_ledger(url) as ledger:
             result = ledger.verify()
         label = "single appends" if batch == 1 else f"append_many batches of {batch}"
-        print(f"appends/s, {writers} writer process{'es' if writers > 1 else ''}, {label}: "
-              f"{rate:,.0f}  (records {result.records}, chain intact: {result.ok})")  # fmt: skip
+        print(
+            f"appends/s, {writers} writer process{'es' if writers > 1 else ''}, {label}: "
+            f"{rate:,.0f}  (records {result.records}, chain intact: {result.ok})"
+        )
 
     big = workdir / f"ledger-{args.events}.sqlite"
     if not big.exists():
         _, wall, _ = timed(lambda: generate(big, args.events))
-        print(f"generated {args.events:,} synthetic events in {wall:.1f} s "
-              f"({big.stat().st_size / 1e6:.0f} MB)")  # fmt: skip
+        print(
+            f"generated {args.events:,} synthetic events in {wall:.1f} s "
+            f"({big.stat().st_size / 1e6:.0f} MB)"
+        )
     with open_ledger(f"sqlite:///{big}") as ledger:
-        agg, wall_a, cpu_a = timed(lambda: ledger.aggregate())
+        agg, wall_a, _ = timed(lambda: ledger.aggregate())
         ver, wall_v, cpu_v = timed(lambda: ledger.verify())
         rep, wall_r, cpu_r = timed(lambda: build_report(ledger))
-        html, wall_h, _ = timed(lambda: render_html(rep))
-        since, wall_p, _ = timed(lambda: build_report(ledger, since="2026-12-01"))
-    print(f"report over {ver.records:,} events (aggregation + full chain verification): "
-          f"{wall_r:.2f} s wall, {cpu_r:.2f} s CPU; HTML rendering {wall_h:.3f} s")  # fmt: skip
-    print(f"  of which aggregation {wall_a:.2f} s wall ({len(agg):,} groups), "
-          f"verification {wall_v:.2f} s wall / {cpu_v:.2f} s CPU (intact: {ver.ok})")  # fmt: skip
+        _, wall_h, _ = timed(lambda: render_html(rep))
+        _, wall_p, _ = timed(lambda: build_report(ledger, since="2026-12-01"))
+    print(
+        f"report over {ver.records:,} events (aggregation + full chain verification): "
+        f"{wall_r:.2f} s wall, {cpu_r:.2f} s CPU; HTML rendering {wall_h:.3f} s"
+    )
+    print(
+        f"  of which aggregation {wall_a:.2f} s wall ({len(agg['groups']):,} groups), "
+        f"verification {wall_v:.2f} s wall / {cpu_v:.2f} s CPU (intact: {ver.ok})"
+    )
     print(f"  report for one month (--since 2026-12-01) incl. full verification: {wall_p:.2f} s")
-    print(f"  tools {len(rep['tools'])}, kernels {rep['kernels']}, notebooks "
-          f"{len(rep['notebooks'])}, artefacts {len(rep['model_artifacts'])}")  # fmt: skip
+    print(
+        f"  tools {len(rep['tools'])}, kernels {rep['kernels']}, notebooks "
+        f"{len(rep['notebooks'])}, artefacts {len(rep['model_artifacts'])}"
+    )
     print(f"goal check: report <= 2 s: {'met' if wall_r <= 2 else 'NOT met'} ({wall_r:.2f} s)")
     if not args.keep:
         for item in workdir.iterdir():

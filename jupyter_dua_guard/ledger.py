@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import abc
 import datetime as _dt
-import fnmatch
 import hashlib
 import json
 import os
@@ -63,7 +62,11 @@ def canonical_json(value: Any) -> str:
     """The one JSON text of a value that every writer and verifier agrees on."""
     try:
         return json.dumps(
-            value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False,
+            value,
+            sort_keys=True,
+            separators=(",", ":"),
+            ensure_ascii=False,
+            allow_nan=False,
             default=str,
         )
     except (TypeError, ValueError) as exc:
@@ -390,9 +393,15 @@ class SQLiteLedger(Ledger):
 
     CHUNK = 20000
 
-    def __init__(self, path: str | os.PathLike[str], *, url: str | None = None,
-                 timeout: float = 30.0, synchronous: str = "normal",
-                 create: bool = True) -> None:  # fmt: skip
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        url: str | None = None,
+        timeout: float = 30.0,
+        synchronous: str = "normal",
+        create: bool = True,
+    ) -> None:
         self.path = Path(path).expanduser().absolute()
         self.url = url or f"sqlite:///{self.path}"
         self.timeout = timeout
@@ -757,19 +766,28 @@ class SQLiteLedger(Ledger):
         n = len(_AGG_COLUMNS)
         return {
             "groups": [
-                {**dict(zip(_AGG_COLUMNS, r[:n], strict=True)),
-                 "first": r[n], "last": r[n + 1], "count": r[n + 2]}
+                {
+                    **dict(zip(_AGG_COLUMNS, r[:n], strict=True)),
+                    "first": r[n],
+                    "last": r[n + 1],
+                    "count": r[n + 2],
+                }
                 for r in rows["groups"]
             ],
             "distinct": [
-                dict(zip(("kind", "subject", "detail", "extra", "kernels", "notebooks"), r,
-                         strict=True))
+                dict(
+                    zip(
+                        ("kind", "subject", "detail", "extra", "kernels", "notebooks"),
+                        r,
+                        strict=True,
+                    )
+                )
                 for r in rows["distinct"]
             ],
             "kernels": rows["kernels"][0][0],
             "kernels_started": rows["started"][0][0],
             "notebooks": [r[0] for r in rows["notebooks"]],
-        }  # fmt: skip
+        }
 
     # -- verification
     def verify(self, head: str | None = None) -> VerifyResult:
@@ -790,13 +808,15 @@ class SQLiteLedger(Ledger):
             sql = conn.execute(
                 "SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'ledger_records'"
             ).fetchone()
-            total, top = conn.execute("SELECT count(*), max(seq) FROM ledger_records").fetchone()
+            total = conn.execute("SELECT count(*) FROM ledger_records").fetchone()[0]
             head = self.head()
             if sql is None or _norm_sql(sql[0]) != _norm_sql(_RECORDS_SQL):
                 return self._result(
-                    False, total or 0, head,
+                    False,
+                    total or 0,
+                    head,
                     problem="the records table was altered (its schema is not the ledger's)",
-                )  # fmt: skip
+                )
             last_seq, last_hash = 0, GENESIS
             while True:
                 row = conn.execute(
@@ -818,9 +838,9 @@ class SQLiteLedger(Ledger):
                 if good:
                     sha = hashlib.sha256
                     parts = messages.encode().split(b"\x1e")
-                    good = len(parts) == n and "".join(
-                        [sha(p).hexdigest() for p in parts]
-                    ) == hashes
+                    good = (
+                        len(parts) == n and "".join([sha(p).hexdigest() for p in parts]) == hashes
+                    )
                 if not good:
                     bad, problem = self._diagnose(conn, last_seq, last_hash)
                     return self._result(False, total, head, bad_seq=bad, problem=problem)

@@ -22,8 +22,11 @@ CHROMIUM = "/usr/bin/chromium"
 def cli(*args: str, env: dict | None = None):
     return subprocess.run(
         [sys.executable, "-m", "jupyter_dua_guard.cli", *args],
-        capture_output=True, text=True, timeout=120, env=env,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
 
 
 def one_line_error(proc) -> str:
@@ -44,16 +47,32 @@ def populated(tmp_path):
     kept.write_bytes(b"\0" * 64)
     with open_ledger(f"sqlite:///{path}") as ledger:
         nb = {"kernel_id": "k-9", "notebook": "nb/late.ipynb", "time": "2026-04-02T09:00:00Z"}
-        ledger.append("kernel_started", {"kernel_id": "k-9", "kernel_name": "python3",
-                                         "notebook": "nb/late.ipynb"}, nb)  # fmt: skip
-        ledger.append("egress_blocked", {"host": "llm.example.test", "port": 443,
-                                         "rule": "ai-endpoint"}, nb)  # fmt: skip
-        ledger.append("model_artifact_written", {"path": str(kept), "size": 64,
-                                                 "library": "torch"}, nb)  # fmt: skip
-        ledger.append("model_artifact_written", {"path": str(tmp_path / "models" / "gone.pkl"),
-                                                 "size": 10, "library": "joblib"}, nb)  # fmt: skip
-        ledger.append("review_signed", {"reviewer": "Dr. Synthetic", "notebook": "nb/late.ipynb",
-                                        "scope": "figure 2", "statement": "checked"}, nb)  # fmt: skip
+        ledger.append(
+            "kernel_started",
+            {"kernel_id": "k-9", "kernel_name": "python3", "notebook": "nb/late.ipynb"},
+            nb,
+        )
+        ledger.append(
+            "egress_blocked", {"host": "llm.example.test", "port": 443, "rule": "ai-endpoint"}, nb
+        )
+        ledger.append(
+            "model_artifact_written", {"path": str(kept), "size": 64, "library": "torch"}, nb
+        )
+        ledger.append(
+            "model_artifact_written",
+            {"path": str(tmp_path / "models" / "gone.pkl"), "size": 10, "library": "joblib"},
+            nb,
+        )
+        ledger.append(
+            "review_signed",
+            {
+                "reviewer": "Dr. Synthetic",
+                "notebook": "nb/late.ipynb",
+                "scope": "figure 2",
+                "statement": "checked",
+            },
+            nb,
+        )
         ledger.append("output_flagged", {"rule": "small-cell", "cell": 3}, nb)
     return path
 
@@ -64,12 +83,25 @@ def test_log_json_and_filters(populated):
     assert proc.returncode == 0, proc.stderr
     recs = [json.loads(line) for line in proc.stdout.splitlines()]
     assert [r["seq"] for r in recs] == list(range(1, 15))
-    proc = cli("log", "--ledger", url, "--json", "--kind", "egress_blocked", "--kind",
-               "review_signed")  # fmt: skip
+    proc = cli(
+        "log", "--ledger", url, "--json", "--kind", "egress_blocked", "--kind", "review_signed"
+    )
     assert [json.loads(x)["kind"] for x in proc.stdout.splitlines()] == [
-        "egress_blocked", "review_signed"]  # fmt: skip
-    proc = cli("log", "--ledger", url, "--json", "--notebook", "nb/late.ipynb",
-               "--since", "2026-04-02", "--until", "2026-04-02")  # fmt: skip
+        "egress_blocked",
+        "review_signed",
+    ]
+    proc = cli(
+        "log",
+        "--ledger",
+        url,
+        "--json",
+        "--notebook",
+        "nb/late.ipynb",
+        "--since",
+        "2026-04-02",
+        "--until",
+        "2026-04-02",
+    )
     assert len(proc.stdout.splitlines()) == 6
     proc = cli("log", "--ledger", url, "--json", "--until", "2026-01-01")
     assert proc.returncode == 0 and proc.stdout == ""
@@ -150,9 +182,20 @@ def test_report_csv_to_file(populated, tmp_path):
     assert proc.returncode == 0 and proc.stdout == ""
     rows = list(csv.DictReader(io.StringIO(out.read_text())))
     sections = {r["section"] for r in rows}
-    assert {"ai_ml_tool", "location", "egress_blocked", "model_artifact", "review_signed",
-            "verification"} <= sections  # fmt: skip
+    assert {
+        "ai_ml_tool",
+        "location",
+        "egress_blocked",
+        "model_artifact",
+        "review_signed",
+        "verification",
+    } <= sections
     assert rows[-1]["section"] == "verification" and rows[-1]["item"] == "intact"
+
+
+def test_report_unknown_format_is_one_line_error(populated):
+    err = one_line_error(cli("report", "--ledger", str(populated), "--format", "pdf"))
+    assert "unknown --format 'pdf'" in err
 
 
 def test_report_to_unwritable_output_is_one_line_error(populated, tmp_path):
@@ -169,7 +212,9 @@ def test_closeout_lists_artifacts(populated):
     proc = cli("closeout", "--ledger", str(populated), "--json")
     items = [json.loads(x) for x in proc.stdout.splitlines()]
     assert {Path(i["path"]).name: i["status"] for i in items} == {
-        "kept.pt": "present", "gone.pkl": "gone"}  # fmt: skip
+        "kept.pt": "present",
+        "gone.pkl": "gone",
+    }
     assert cli("closeout", "--ledger", str(populated), "--strict").returncode == 1
     for item in items:
         if item["status"] == "present":
@@ -277,9 +322,11 @@ def test_unwritable_directory_exit_2_untouched(tmp_path):
             "except LedgerError as e:\n    print(e); sys.exit(2)\n"
         )
         proc = subprocess.run(
-            [sys.executable, "-c", code, str(ro / "new.sqlite")], capture_output=True, text=True,
+            [sys.executable, "-c", code, str(ro / "new.sqlite")],
+            capture_output=True,
+            text=True,
             timeout=60,
-        )  # fmt: skip
+        )
         assert proc.returncode == 2 and "writable" in proc.stdout, (proc.stdout, proc.stderr)
         assert len(proc.stdout.strip().splitlines()) == 1
         assert path.read_bytes() == before
@@ -297,24 +344,37 @@ def test_html_report_renders_in_chromium(populated, tmp_path):
     assert cli("report", "--ledger", str(populated), "-o", str(out)).returncode == 0
     text = out.read_text()
     assert "<script" not in text and "http://" not in text and "https://" not in text
-    base = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu",
-            f"--user-data-dir={tmp_path / 'chrome'}"]  # fmt: skip
+    base = [
+        CHROMIUM,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        f"--user-data-dir={tmp_path / 'chrome'}",
+    ]
     dom = subprocess.run(
         [*base, "--dump-dom", out.as_uri()], capture_output=True, text=True, timeout=120
     ).stdout
-    for heading in ("AI/ML tools used", "Locations of processing", "Blocked egress attempts",
-                    "Model artefacts written", "Reviews signed", "Verification"):  # fmt: skip
+    for heading in (
+        "AI/ML tools used",
+        "Locations of processing",
+        "Blocked egress attempts",
+        "Model artefacts written",
+        "Reviews signed",
+        "Verification",
+    ):
         assert f"<h2>{heading}</h2>" in dom, heading
     assert "scikit-learn" in dom and "Ledger intact" in dom
     shot = tmp_path / "shot.png"
     subprocess.run(
         [*base, f"--screenshot={shot}", "--window-size=1200,1600", out.as_uri()],
-        capture_output=True, timeout=120,
-    )  # fmt: skip
+        capture_output=True,
+        timeout=120,
+    )
     assert shot.exists() and shot.stat().st_size > 10_000
     pdf = tmp_path / "report.pdf"
     subprocess.run(
         [*base, f"--print-to-pdf={pdf}", "--no-pdf-header-footer", out.as_uri()],
-        capture_output=True, timeout=120,
-    )  # fmt: skip
+        capture_output=True,
+        timeout=120,
+    )
     assert pdf.exists() and pdf.read_bytes()[:5] == b"%PDF-"

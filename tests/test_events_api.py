@@ -16,8 +16,10 @@ from jupyter_dua_guard.ledger import open_ledger
 def cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "jupyter_dua_guard.cli", *args],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 async def events(jp_fetch, **params) -> dict:
@@ -29,9 +31,11 @@ async def events(jp_fetch, **params) -> dict:
 async def test_kernel_started_visible_in_log_report_and_api(jp_fetch, ledger_url, jp_root_dir):
     (jp_root_dir / "nb").mkdir()
     resp = await jp_fetch(
-        "api", "kernels", method="POST",
+        "api",
+        "kernels",
+        method="POST",
         body=json.dumps({"name": "python3", "path": "nb/x.ipynb"}),
-    )  # fmt: skip
+    )
     kernel_id = json.loads(resp.body)["id"]
     try:
         page = await events(jp_fetch, kind="kernel_started")
@@ -65,10 +69,18 @@ async def test_kernel_started_visible_in_log_report_and_api(jp_fetch, ledger_url
 async def test_session_start_records_notebook_path(jp_fetch, jp_root_dir):
     (jp_root_dir / "study").mkdir()
     resp = await jp_fetch(
-        "api", "sessions", method="POST",
-        body=json.dumps({"path": "study/survival.ipynb", "type": "notebook",
-                         "name": "survival.ipynb", "kernel": {"name": "python3"}}),
-    )  # fmt: skip
+        "api",
+        "sessions",
+        method="POST",
+        body=json.dumps(
+            {
+                "path": "study/survival.ipynb",
+                "type": "notebook",
+                "name": "survival.ipynb",
+                "kernel": {"name": "python3"},
+            }
+        ),
+    )
     session = json.loads(resp.body)
     try:
         page = await events(jp_fetch, kind="kernel_started", notebook="study/survival.ipynb")
@@ -83,10 +95,11 @@ async def test_events_api_filters_and_pagination(jp_fetch, ledger_url):
         for i in range(25):
             ledger.append(
                 "egress_blocked" if i % 5 == 0 else "ai_ml_import",
-                {"host": "llm.test", "port": 443, "rule": "ai"} if i % 5 == 0
+                {"host": "llm.test", "port": 443, "rule": "ai"}
+                if i % 5 == 0
                 else {"name": "torch", "version": "2.4"},
                 {"time": f"2026-05-{1 + i:02d}T10:00:00Z", "notebook": f"nb/{i % 2}.ipynb"},
-            )  # fmt: skip
+            )
     page = await events(jp_fetch, limit=10)
     assert [e["seq"] for e in page["events"]] == list(range(1, 11))
     assert page["total"] == 25 and page["next_offset"] == 10
@@ -105,8 +118,14 @@ async def test_events_api_filters_and_pagination(jp_fetch, ledger_url):
 
 @pytest.mark.parametrize(
     "params",
-    [{"kind": "nope"}, {"since": "soon"}, {"limit": "0"}, {"limit": "5000"}, {"offset": "x"},
-     {"order": "sideways"}],  # fmt: skip
+    [
+        {"kind": "nope"},
+        {"since": "soon"},
+        {"limit": "0"},
+        {"limit": "5000"},
+        {"offset": "x"},
+        {"order": "sideways"},
+    ],
 )
 async def test_events_api_rejects_bad_filters(jp_fetch, params):
     with pytest.raises(HTTPClientError) as err:
