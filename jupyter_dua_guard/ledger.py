@@ -15,10 +15,12 @@ stdlib only: every guarded kernel imports it.
 from __future__ import annotations
 
 import abc
+import contextlib
 import datetime as _dt
 import hashlib
 import json
 import os
+import queue
 import re
 import sqlite3
 import threading
@@ -790,43 +792,92 @@ class SQLiteLedger(Ledger):
         }
 
     # -- verification
+    def _reader(self) -> sqlite3.Connection:
+        """A separate read connection, so that verification runs beside other work."""
+        conn = sqlite3.connect(
+            str(self.path), timeout=self.timeout, isolation_level=None, check_same_thread=False
+        )
+        conn.execute(f"PRAGMA busy_timeout = {int(self.timeout * 1000)}")
+        return conn
+
     def verify(self, head: str | None = None) -> VerifyResult:
         pin = _parse_pin(head) if head else None
-        with self._lock:
-            try:
-                return self._verify(pin, head)
-            except sqlite3.Error as exc:
-                raise self._fail(exc, "verify") from None
+        self._conn  # noqa: B018 - raises if closed
+        try:
+            conn = self._reader()
+        except sqlite3.Error as exc:
+            raise self._fail(exc, "verify") from None
+        try:
+            return self._verify(conn, pin, head)
+        except sqlite3.Error as exc:
+            raise self._fail(exc, "verify") from None
+        finally:
+            conn.close()
 
     def _result(self, ok: bool, records: int, head: tuple[int, str], **kw: Any) -> VerifyResult:
         return VerifyResult(ok, records, head[0], head[1], url=self.url, **kw)
 
-    def _verify(self, pin: tuple[int | None, str] | None, pin_text: str | None) -> VerifyResult:
-        conn = self._conn
-        conn.execute("BEGIN")  # one consistent snapshot while writers go on
+    _CHUNK_SQL = (
+        "SELECT group_concat(m, char(30)), group_concat(hash, ''), group_concat(prev, ''), "
+        "count(*), min(seq), max(seq) FROM (SELECT prev || char(10) || body AS m, hash, prev, "
+        "seq FROM ledger_records WHERE seq > ? AND seq <= ? ORDER BY seq LIMIT ?)"
+    )
+
+    def _chunks(self, top: int, out: queue.Queue, stop: threading.Event) -> None:
+        """Producer: read the chain in chunks (SQLite works without the GIL meanwhile)."""
+        try:
+            conn = self._reader()
+        except sqlite3.Error as exc:
+            out.put(exc)
+            return
+        try:
+            last = 0
+            while not stop.is_set():
+                row = conn.execute(self._CHUNK_SQL, (last, top, self.CHUNK)).fetchone()
+                out.put(row)
+                if not row[3]:
+                    return
+                last = row[5]
+        except sqlite3.Error as exc:
+            out.put(exc)
+        finally:
+            conn.close()
+
+    def _verify(
+        self,
+        conn: sqlite3.Connection,
+        pin: tuple[int | None, str] | None,
+        pin_text: str | None,
+    ) -> VerifyResult:
+        conn.execute("BEGIN")  # one consistent view of schema, count and head
         try:
             sql = conn.execute(
                 "SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'ledger_records'"
             ).fetchone()
-            total = conn.execute("SELECT count(*) FROM ledger_records").fetchone()[0]
-            head = self.head()
-            if sql is None or _norm_sql(sql[0]) != _norm_sql(_RECORDS_SQL):
-                return self._result(
-                    False,
-                    total or 0,
-                    head,
-                    problem="the records table was altered (its schema is not the ledger's)",
-                )
-            last_seq, last_hash = 0, GENESIS
+            total = conn.execute("SELECT count(*) FROM ledger_records").fetchone()[0] or 0
+            row = conn.execute(
+                "SELECT seq, hash FROM ledger_records ORDER BY seq DESC LIMIT 1"
+            ).fetchone()
+        finally:
+            conn.execute("COMMIT")
+        head = (int(row[0]), str(row[1])) if row else (0, GENESIS)
+        if sql is None or _norm_sql(sql[0]) != _norm_sql(_RECORDS_SQL):
+            return self._result(
+                False, total, head,
+                problem="the records table was altered (its schema is not the ledger's)",
+            )  # fmt: skip
+        chunks: queue.Queue = queue.Queue(maxsize=2)
+        stop = threading.Event()
+        producer = threading.Thread(target=self._chunks, args=(head[0], chunks, stop), daemon=True)
+        producer.start()
+        last_seq, last_hash = 0, GENESIS
+        sha = hashlib.sha256
+        try:
             while True:
-                row = conn.execute(
-                    "SELECT group_concat(m, char(30)), group_concat(hash, ''), "
-                    "group_concat(prev, ''), count(*), min(seq), max(seq) FROM "
-                    "(SELECT prev || char(10) || body AS m, hash, prev, seq FROM ledger_records "
-                    "WHERE seq > ? ORDER BY seq LIMIT ?)",
-                    (last_seq, self.CHUNK),
-                ).fetchone()
-                messages, hashes, prevs, n, lo, hi = row
+                item = chunks.get()
+                if isinstance(item, Exception):
+                    raise item
+                messages, hashes, prevs, n, lo, hi = item
                 if not n:
                     break
                 good = (
@@ -836,7 +887,6 @@ class SQLiteLedger(Ledger):
                     and len(hashes) == 64 * n
                 )
                 if good:
-                    sha = hashlib.sha256
                     parts = messages.encode().split(b"\x1e")
                     good = (
                         len(parts) == n and "".join([sha(p).hexdigest() for p in parts]) == hashes
@@ -846,12 +896,18 @@ class SQLiteLedger(Ledger):
                     return self._result(False, total, head, bad_seq=bad, problem=problem)
                 last_seq, last_hash = hi, hashes[-64:]
         finally:
-            conn.execute("COMMIT")
+            stop.set()
+            while producer.is_alive():
+                with contextlib.suppress(queue.Empty):
+                    chunks.get(timeout=0.05)
+        if last_seq != head[0] or total != head[0]:
+            bad, problem = self._diagnose(conn, last_seq, last_hash)
+            return self._result(False, total, head, bad_seq=bad, problem=problem)
         if pin is not None:
             problem = self._check_pin(conn, pin, last_seq, last_hash)
             if problem:
                 return self._result(False, total, head, bad_seq=problem[0], problem=problem[1])
-        return self._result(True, total or 0, head, pinned=pin_text)
+        return self._result(True, total, head, pinned=pin_text)
 
     def _check_pin(
         self, conn: sqlite3.Connection, pin: tuple[int | None, str], last_seq: int, last_hash: str

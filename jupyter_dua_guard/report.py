@@ -13,6 +13,7 @@ import io
 import json
 import os
 import socket
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from . import events
@@ -71,7 +72,19 @@ def build_report(
     ledger: Ledger, since: Any = None, until: Any = None, head: str | None = None
 ) -> dict[str, Any]:
     """Everything NIH asks for in sec. 22, for the period, as plain data."""
-    usage = ledger.aggregate(since, until)
+    # The chain check reads every record: run it beside the aggregation (SQLite releases
+    # the GIL), which roughly halves the wall time of a report on two cores.
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = pool.submit(ledger.verify, head)
+        try:
+            result = _assemble(ledger, since, until, ledger.aggregate(since, until))
+        finally:
+            verification = pending.result()
+    result["verification"] = verification.to_dict()
+    return result
+
+
+def _assemble(ledger: Ledger, since: Any, until: Any, usage: dict[str, Any]) -> dict[str, Any]:
     tools: dict[str, dict[str, Any]] = {}
     locations: dict[tuple, dict[str, Any]] = {}
     egress: dict[str, dict[tuple, dict[str, Any]]] = {
@@ -174,7 +187,6 @@ def build_report(
         {"time": r["time"], "record": r["seq"], **r["data"]}
         for r in ledger.records(since, until, kinds=[events.GUARD_DEFAULTS_USED])
     ]
-    verification = ledger.verify(head=head)
     return {
         "title": "Records of AI/ML tools used with the Data (NCCR/SEER DUA sec. 22)",
         "generated": events.utc_now(),
@@ -200,7 +212,6 @@ def build_report(
         "reviews": reviews,
         "data_read": [finish_sets(v) for _, v in sorted(data_read.items())],
         "guard_defaults_used": defaults,
-        "verification": verification.to_dict(),
     }
 
 
