@@ -219,24 +219,31 @@ class Ledger(abc.ABC):
         time = ctx.pop("time", None)
         if not (isinstance(time, str) and _CANON_TIME.fullmatch(time)):
             time = parse_time(time) or events.utc_now()
-        return {"time": time, "kind": kind, "context": ctx, "data": dict(data)}
+        # Serialise before taking the write lock: sorted keys put context, data, kind first,
+        # so only ',"seq":N,"time":"..."}' is left to add once the sequence number is known.
+        head = canonical_json({"context": ctx, "data": dict(data), "kind": kind})[:-1]
+        return {"head": head, "time": time}
 
     @staticmethod
-    def _chain(prepared: list[dict[str, Any]], seq: int, prev: str) -> list[dict[str, Any]]:
-        """Give prepared events their seq/prev/hash after the head (seq, prev)."""
-        out = []
+    def _chain(prepared: list[dict[str, Any]], seq: int, prev: str) -> list[tuple]:
+        """Give prepared events seq/prev/hash after the head (seq, prev): cheap, under lock."""
+        rows = []
         for event in prepared:
             seq += 1
-            body = canonical_json({"seq": seq, **event})
+            body = f'{event["head"]},"seq":{seq},"time":"{event["time"]}"}}'
             digest = record_hash(prev, body)
-            # Hand back exactly what readers will see (JSON types, str() of odd values).
-            stored = json.loads(body)
-            out.append({**stored, "prev": prev, "hash": digest, "_body": body})
+            rows.append((seq, prev, digest, body))
             prev = digest
-        return out
+        return rows
+
+    @staticmethod
+    def _stored(rows: list[tuple]) -> list[dict[str, Any]]:
+        """The records exactly as readers will see them (JSON types, str() of odd values)."""
+        return [{**json.loads(body), "prev": prev, "hash": h} for _, prev, h, body in rows]
 
     @abc.abstractmethod
-    def _store(self, prepared: list[dict[str, Any]]) -> list[dict[str, Any]]: ...
+    def _store(self, prepared: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Chain ``prepared`` after the current head atomically; return the stored records."""
 
     # -- reading
     @abc.abstractmethod
@@ -593,7 +600,7 @@ class SQLiteLedger(Ledger):
                     chained = self._chain(prepared, seq, prev)
                     conn.executemany(
                         "INSERT INTO ledger_records (seq, prev, hash, body) VALUES (?, ?, ?, ?)",
-                        [(r["seq"], r["prev"], r["hash"], r.pop("_body")) for r in chained],
+                        chained,
                     )
                     conn.execute("COMMIT")
                 except BaseException:
@@ -605,7 +612,7 @@ class SQLiteLedger(Ledger):
             finally:
                 if locked:
                     fcntl.flock(self._lockfile, fcntl.LOCK_UN)
-        return chained
+        return self._stored(chained)
 
     # -- reading
     def _where(
