@@ -150,6 +150,19 @@ class VerifyResult:
         """The head as ``seq:hash``, the form ``verify --head`` accepts."""
         return f"{self.head_seq}:{self.head_hash}"
 
+    @property
+    def first_bad(self) -> int | None:
+        """Sequence number of the first bad record (``None`` when intact)."""
+        return self.bad_seq
+
+    @property
+    def message(self) -> str:
+        """The one-line summary, as ``verify`` prints it."""
+        return self.summary()
+
+    def __bool__(self) -> bool:
+        return self.ok
+
     def summary(self) -> str:
         """One line for people: intact with the head, or the first bad record and why."""
         if self.ok:
@@ -469,8 +482,9 @@ class SQLiteLedger(Ledger):
                     "new path"
                 )
         elif not self.create:
+            what = "an empty file" if path.exists() else "no ledger"
             raise LedgerError(
-                f"no ledger at {path}: check --ledger / DUAGuard.ledger_url (the server creates "
+                f"{what} at {path}: check --ledger / DUAGuard.ledger_url (the server creates "
                 "the ledger when it starts)"
             )
         else:
