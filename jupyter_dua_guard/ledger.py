@@ -56,6 +56,9 @@ SQLITE_MAGIC = b"SQLite format 3\x00"
 _CANON_TIME = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{6}Z")
 
 
+_INHERITED: list[Any] = []
+
+
 class LedgerError(Exception):
     """A ledger problem, as one line naming what is wrong and how to fix it."""
 
@@ -192,9 +195,9 @@ class VerifyResult:
 class Ledger(abc.ABC):
     """Storage interface of the usage ledger (SQLite today, PostgreSQL for hubs later).
 
-    Backends implement ``_store`` (append prepared bodies atomically after the current head),
-    ``_select``/``count``/``head``/``aggregate``/``_chain``/``close``; chain building and
-    verification logic live here so that every backend hashes and checks alike.
+    Backends implement ``_store`` (chain prepared events after the current head in one
+    transaction), ``records``/``count``/``head``/``aggregate``/``verify``/``close``; event
+    preparation and chaining live here so that every backend hashes alike.
     """
 
     url: str
@@ -583,7 +586,9 @@ class SQLiteLedger(Ledger):
         if self._conn_obj is None:
             raise LedgerError(f"ledger {self.path} is closed: open it again with open_ledger()")
         if os.getpid() != self._pid:
-            # Forked child: SQLite handles must not cross fork; leave the parent's alone.
+            # Forked child: SQLite handles must not cross fork. Keep the inherited handle
+            # referenced for good, so that it is never closed (or checkpointed) from here.
+            _INHERITED.append(self._conn_obj)
             self._connect()
         assert self._conn_obj is not None
         return self._conn_obj
