@@ -296,8 +296,8 @@ class Ledger(abc.ABC):
 
         ``groups``: kind, subject, detail, extra, host, platform, user, first, last, count;
         ``distinct``: kind, subject, detail, extra, kernels, notebooks (AI/ML tools per
-        subject, egress and flags per subject/detail/extra); ``kernels``: distinct kernels
-        started or importing AI/ML tools; ``notebooks``: distinct notebook paths.
+        subject, other kinds per subject/detail/extra); ``kernels``: distinct kernels started
+        or importing AI/ML tools; ``notebooks``: distinct notebook paths seen.
         """
 
     @abc.abstractmethod
@@ -759,26 +759,18 @@ class SQLiteLedger(Ledger):
                 f"SELECT {cols}, min(time), max(time), count(*) FROM ledger_records {where} "
                 f"GROUP BY {cols}"
             ),
+            # kernels and notebooks per tool / per egress rule / per file, as JSON lists
             "distinct": (
-                "SELECT kind, subject, NULL, NULL, count(DISTINCT kernel), "
-                "count(DISTINCT notebook) FROM ledger_records WHERE kind = 'ai_ml_import' "
-                f"{and_where} GROUP BY kind, subject "
-                "UNION ALL SELECT kind, subject, detail, extra, count(DISTINCT kernel), "
-                "count(DISTINCT notebook) FROM ledger_records WHERE kind IN "
-                "('egress_blocked', 'egress_allowed_ai', 'output_flagged') "
-                f"{and_where} GROUP BY kind, subject, detail, extra"
-            ),
-            "kernels": (
-                "SELECT count(DISTINCT kernel) FROM ledger_records WHERE kind IN "
-                f"('kernel_started', 'ai_ml_import') {and_where}"
-            ),
-            "started": (
-                "SELECT count(DISTINCT kernel) FROM ledger_records WHERE kind = "
-                f"'kernel_started' {and_where}"
-            ),
-            "notebooks": (
-                "SELECT DISTINCT notebook FROM ledger_records WHERE notebook IS NOT NULL "
-                f"{and_where} ORDER BY notebook"
+                "SELECT kind, subject, NULL, NULL, group_concat(DISTINCT json_quote(kernel)), "
+                "group_concat(DISTINCT json_quote(notebook)) FROM ledger_records "
+                f"WHERE kind IN ('ai_ml_import', 'kernel_started') {and_where} "
+                "GROUP BY kind, subject "
+                "UNION ALL SELECT kind, subject, detail, extra, "
+                "group_concat(DISTINCT json_quote(kernel)), "
+                "group_concat(DISTINCT json_quote(notebook)) FROM ledger_records WHERE kind IN "
+                "('egress_blocked', 'egress_allowed_ai', 'output_flagged', 'data_read', "
+                f"'model_artifact_written', 'review_signed', 'guard_defaults_used') {and_where} "
+                "GROUP BY kind, subject, detail, extra"
             ),
         }
         args = {k: params * (2 if k == "distinct" else 1) for k in queries}
@@ -792,31 +784,37 @@ class SQLiteLedger(Ledger):
                     conn.execute("COMMIT")
             except sqlite3.Error as exc:
                 raise self._fail(exc, "read") from None
+
+        def values(text: str | None) -> set[str]:
+            return {v for v in json.loads(f"[{text}]") if v} if text else set()
+
+        distinct = []
+        kernels: set[str] = set()
+        started: set[str] = set()
+        notebooks: set[str] = set()
+        for kind, subject, detail, extra, kernel_list, notebook_list in rows["distinct"]:
+            ks, ns = values(kernel_list), values(notebook_list)
+            notebooks |= ns
+            if kind in ("ai_ml_import", "kernel_started"):
+                kernels |= ks
+            if kind == "kernel_started":
+                started |= ks
+            distinct.append(
+                {"kind": kind, "subject": subject, "detail": detail, "extra": extra,
+                 "kernels": len(ks), "notebooks": len(ns)}
+            )  # fmt: skip
         n = len(_AGG_COLUMNS)
         return {
             "groups": [
-                {
-                    **dict(zip(_AGG_COLUMNS, r[:n], strict=True)),
-                    "first": r[n],
-                    "last": r[n + 1],
-                    "count": r[n + 2],
-                }
+                {**dict(zip(_AGG_COLUMNS, r[:n], strict=True)),
+                 "first": r[n], "last": r[n + 1], "count": r[n + 2]}
                 for r in rows["groups"]
             ],
-            "distinct": [
-                dict(
-                    zip(
-                        ("kind", "subject", "detail", "extra", "kernels", "notebooks"),
-                        r,
-                        strict=True,
-                    )
-                )
-                for r in rows["distinct"]
-            ],
-            "kernels": rows["kernels"][0][0],
-            "kernels_started": rows["started"][0][0],
-            "notebooks": [r[0] for r in rows["notebooks"]],
-        }
+            "distinct": distinct,
+            "kernels": len(kernels),
+            "kernels_started": len(started),
+            "notebooks": sorted(notebooks),
+        }  # fmt: skip
 
     # -- verification
     def _reader(self) -> sqlite3.Connection:
