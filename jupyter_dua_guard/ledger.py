@@ -301,7 +301,7 @@ class Ledger(abc.ABC):
         """
 
     @abc.abstractmethod
-    def verify(self, head: str | None = None) -> VerifyResult:
+    def verify(self, head: str | None = None, *, workers: int = 1) -> VerifyResult:
         """Walk the chain; ``head`` (``seq:hash`` or a hash) also detects truncation."""
 
     @abc.abstractmethod
@@ -825,7 +825,8 @@ class SQLiteLedger(Ledger):
         conn.execute(f"PRAGMA busy_timeout = {int(self.timeout * 1000)}")
         return conn
 
-    def verify(self, head: str | None = None) -> VerifyResult:
+    def verify(self, head: str | None = None, *, workers: int = 1) -> VerifyResult:
+        """Walk the chain; ``workers`` > 1 checks large ledgers in that many processes."""
         pin = _parse_pin(head) if head else None
         self._conn  # noqa: B018 - raises if closed
         try:
@@ -833,7 +834,7 @@ class SQLiteLedger(Ledger):
         except sqlite3.Error as exc:
             raise self._fail(exc, "verify") from None
         try:
-            return self._verify(conn, pin, head)
+            return self._verify(conn, pin, head, workers)
         except sqlite3.Error as exc:
             raise self._fail(exc, "verify") from None
         finally:
@@ -841,12 +842,6 @@ class SQLiteLedger(Ledger):
 
     def _result(self, ok: bool, records: int, head: tuple[int, str], **kw: Any) -> VerifyResult:
         return VerifyResult(ok, records, head[0], head[1], url=self.url, **kw)
-
-    _CHUNK_SQL = (
-        "SELECT group_concat(m, char(30)), group_concat(hash, ''), group_concat(prev, ''), "
-        "count(*), min(seq), max(seq) FROM (SELECT prev || char(10) || body AS m, hash, prev, "
-        "seq FROM ledger_records WHERE seq > ? AND seq <= ? ORDER BY seq LIMIT ?)"
-    )
 
     def _chunks(self, top: int, out: queue.Queue, stop: threading.Event) -> None:
         """Producer: read the chain in chunks (SQLite works without the GIL meanwhile)."""
@@ -858,7 +853,7 @@ class SQLiteLedger(Ledger):
         try:
             last = 0
             while not stop.is_set():
-                row = conn.execute(self._CHUNK_SQL, (last, top, self.CHUNK)).fetchone()
+                row = conn.execute(_CHUNK_SQL, (last, top, self.CHUNK)).fetchone()
                 out.put(row)
                 if not row[3]:
                     return
@@ -873,6 +868,7 @@ class SQLiteLedger(Ledger):
         conn: sqlite3.Connection,
         pin: tuple[int | None, str] | None,
         pin_text: str | None,
+        workers: int = 1,
     ) -> VerifyResult:
         conn.execute("BEGIN")  # one consistent view of schema, count and head
         try:
@@ -891,40 +887,41 @@ class SQLiteLedger(Ledger):
                 False, total, head,
                 problem="the records table was altered (its schema is not the ledger's)",
             )  # fmt: skip
+        if workers > 1 and head[0] >= PARALLEL_MIN:
+            return self._verify_parallel(conn, pin, pin_text, total, head, workers)
         chunks: queue.Queue = queue.Queue(maxsize=2)
         stop = threading.Event()
         producer = threading.Thread(target=self._chunks, args=(head[0], chunks, stop), daemon=True)
         producer.start()
         last_seq, last_hash = 0, GENESIS
-        sha = hashlib.sha256
         try:
             while True:
                 item = chunks.get()
                 if isinstance(item, Exception):
                     raise item
-                messages, hashes, prevs, n, lo, hi = item
-                if not n:
+                if not item[3]:
                     break
-                good = (
-                    lo == last_seq + 1
-                    and hi == lo + n - 1
-                    and prevs == last_hash + hashes[:-64]
-                    and len(hashes) == 64 * n
-                )
-                if good:
-                    parts = messages.encode().split(b"\x1e")
-                    good = (
-                        len(parts) == n and "".join([sha(p).hexdigest() for p in parts]) == hashes
-                    )
-                if not good:
+                if not _chunk_ok(item, last_seq, last_hash):
                     bad, problem = self._diagnose(conn, last_seq, last_hash)
                     return self._result(False, total, head, bad_seq=bad, problem=problem)
-                last_seq, last_hash = hi, hashes[-64:]
+                last_seq, last_hash = item[5], item[1][-64:]
         finally:
             stop.set()
             while producer.is_alive():
                 with contextlib.suppress(queue.Empty):
                     chunks.get(timeout=0.05)
+        return self._finish(conn, pin, pin_text, total, head, last_seq, last_hash)
+
+    def _finish(
+        self,
+        conn: sqlite3.Connection,
+        pin: tuple[int | None, str] | None,
+        pin_text: str | None,
+        total: int,
+        head: tuple[int, str],
+        last_seq: int,
+        last_hash: str,
+    ) -> VerifyResult:
         if last_seq != head[0] or total != head[0]:
             bad, problem = self._diagnose(conn, last_seq, last_hash)
             return self._result(False, total, head, bad_seq=bad, problem=problem)
@@ -933,6 +930,45 @@ class SQLiteLedger(Ledger):
             if problem:
                 return self._result(False, total, head, bad_seq=problem[0], problem=problem[1])
         return self._result(True, total, head, pinned=pin_text)
+
+    def _verify_parallel(
+        self,
+        conn: sqlite3.Connection,
+        pin: tuple[int | None, str] | None,
+        pin_text: str | None,
+        total: int,
+        head: tuple[int, str],
+        workers: int,
+    ) -> VerifyResult:
+        """Split the chain into contiguous ranges checked by worker processes.
+
+        Each range starts from the stored hash of the record before it, which the previous
+        range checks, so every link is still verified once.
+        """
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        bounds = [head[0] * i // workers for i in range(workers + 1)]
+        ctx = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+            results = list(
+                pool.map(
+                    _scan_range,
+                    [str(self.path)] * workers,
+                    [self.timeout] * workers,
+                    bounds[:-1],
+                    bounds[1:],
+                )
+            )
+        last_seq, last_hash = 0, GENESIS
+        for ok, seq, digest in results:
+            if not ok:
+                if digest:
+                    last_seq, last_hash = seq, digest
+                bad, problem = self._diagnose(conn, last_seq, last_hash)
+                return self._result(False, total, head, bad_seq=bad, problem=problem)
+            last_seq, last_hash = seq, digest
+        return self._finish(conn, pin, pin_text, total, head, last_seq, last_hash)
 
     def _check_pin(
         self, conn: sqlite3.Connection, pin: tuple[int | None, str], last_seq: int, last_hash: str
@@ -1026,6 +1062,55 @@ class SQLiteLedger(Ledger):
                 return expected, f"is stored under number {seq} (rows were renumbered)"
             expected, last_hash = expected + 1, digest
         return expected, "the chain breaks here (unexpected layout): inspect the ledger"
+
+
+PARALLEL_MIN = 200_000
+
+_CHUNK_SQL = (
+    "SELECT group_concat(m, char(30)), group_concat(hash, ''), group_concat(prev, ''), "
+    "count(*), min(seq), max(seq) FROM (SELECT prev || char(10) || body AS m, hash, prev, "
+    "seq FROM ledger_records WHERE seq > ? AND seq <= ? ORDER BY seq LIMIT ?)"
+)
+
+
+def _chunk_ok(item: tuple, last_seq: int, last_hash: str) -> bool:
+    """Does a chunk of records (see ``_CHUNK_SQL``) continue the chain after ``last_seq``?"""
+    messages, hashes, prevs, n, lo, hi = item
+    if not (
+        lo == last_seq + 1
+        and hi == lo + n - 1
+        and len(hashes) == 64 * n
+        and prevs == last_hash + hashes[:-64]
+    ):
+        return False
+    parts = messages.encode().split(b"\x1e")
+    sha = hashlib.sha256
+    return len(parts) == n and "".join([sha(p).hexdigest() for p in parts]) == hashes
+
+
+def _scan_range(path: str, timeout: float, after: int, top: int) -> tuple[bool, int, str]:
+    """Worker: check records ``after+1..top``; ``(ok, last good seq, its hash)``.
+
+    The hash is ``""`` when even the starting record could not be read.
+    """
+    conn = sqlite3.connect(path, timeout=timeout, isolation_level=None)
+    try:
+        if after == 0:
+            last_hash = GENESIS
+        else:
+            row = conn.execute("SELECT hash FROM ledger_records WHERE seq = ?", (after,)).fetchone()
+            if row is None:
+                return False, after, ""
+            last_hash = row[0]
+        last_seq = after
+        while last_seq < top:
+            item = conn.execute(_CHUNK_SQL, (last_seq, top, SQLiteLedger.CHUNK)).fetchone()
+            if not item[3] or not _chunk_ok(item, last_seq, last_hash):
+                return False, last_seq, last_hash
+            last_seq, last_hash = item[5], item[1][-64:]
+        return True, last_seq, last_hash
+    finally:
+        conn.close()
 
 
 # --------------------------------------------------------------------------- opening

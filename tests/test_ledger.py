@@ -372,3 +372,21 @@ def test_reader_does_not_create_missing_ledger(tmp_path):
     with pytest.raises(LedgerError, match="no ledger at"):
         open_ledger(f"sqlite:///{tmp_path}/typo.sqlite", create=False)
     assert not (tmp_path / "typo.sqlite").exists()
+
+
+@pytest.mark.parametrize("seq", [3, 11, 19])
+def test_parallel_verification_names_the_same_record(tmp_path, monkeypatch, seq):
+    from jupyter_dua_guard import ledger as ledger_module
+
+    monkeypatch.setattr(ledger_module, "PARALLEL_MIN", 1)
+    path = tmp_path / "ledger.sqlite"
+    make_ledger(path, 20)
+    with open_ledger(f"sqlite:///{path}", create=False) as ledger:
+        assert ledger.verify(workers=3).ok
+    conn = db(path)
+    conn.execute("DELETE FROM ledger_records WHERE seq = ?", (seq,))
+    conn.close()
+    with open_ledger(f"sqlite:///{path}", create=False) as ledger:
+        serial, parallel = ledger.verify(), ledger.verify(workers=3)
+    assert not parallel.ok and parallel.bad_seq == serial.bad_seq == seq
+    assert parallel.problem == serial.problem
