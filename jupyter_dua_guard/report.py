@@ -86,6 +86,7 @@ def build_report(
             result = _assemble(ledger, since, until, ledger.aggregate(since, until))
         finally:
             verification = pending.result()
+    result["head"] = verification.head
     result["verification"] = verification.to_dict()
     return result
 
