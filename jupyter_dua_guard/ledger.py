@@ -875,6 +875,12 @@ class SQLiteLedger(Ledger):
             sql = conn.execute(
                 "SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'ledger_records'"
             ).fetchone()
+            if sql is None or _norm_sql(sql[0]) != _norm_sql(_RECORDS_SQL):
+                return VerifyResult(
+                    False, 0, 0, GENESIS, url=self.url,
+                    problem="the records table was removed or altered (its schema is not the "
+                    "ledger's)",
+                )  # fmt: skip
             total = conn.execute("SELECT count(*) FROM ledger_records").fetchone()[0] or 0
             row = conn.execute(
                 "SELECT seq, hash FROM ledger_records ORDER BY seq DESC LIMIT 1"
@@ -882,11 +888,6 @@ class SQLiteLedger(Ledger):
         finally:
             conn.execute("COMMIT")
         head = (int(row[0]), str(row[1])) if row else (0, GENESIS)
-        if sql is None or _norm_sql(sql[0]) != _norm_sql(_RECORDS_SQL):
-            return self._result(
-                False, total, head,
-                problem="the records table was altered (its schema is not the ledger's)",
-            )  # fmt: skip
         if workers > 1 and head[0] >= PARALLEL_MIN:
             return self._verify_parallel(conn, pin, pin_text, total, head, workers)
         chunks: queue.Queue = queue.Queue(maxsize=2)

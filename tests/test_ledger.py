@@ -318,6 +318,13 @@ def test_altered_schema_detected(tampered):
     assert not result.ok and "schema" in result.problem
 
 
+def test_dropped_records_table_detected(tampered):
+    path, conn, _ = tampered
+    conn.execute("DROP TABLE ledger_records")
+    result = verify(path)
+    assert not result.ok and "removed or altered" in result.problem
+
+
 def test_bad_pin_text_is_an_error(tampered):
     path, _, _ = tampered
     with pytest.raises(LedgerError, match="pinned head"):
