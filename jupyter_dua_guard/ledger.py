@@ -1022,8 +1022,14 @@ class SQLiteLedger(Ledger):
                 return seq, "its content is not text (the record was edited)"
             bseq = body_seq(body)
             if record_hash(prev, body) != digest or bseq is None:
+                if bseq is not None and bseq != expected:
+                    return (
+                        expected,
+                        f"holds the content of record {bseq}, which does not match its stored "
+                        "hash: rows were swapped or their contents moved",
+                    )
                 return (
-                    expected if bseq in (None, expected) else seq,
+                    expected,
                     "its content does not match its stored hash (the record was edited or forged)",
                 )
             if bseq != expected:

@@ -268,6 +268,15 @@ def test_swap_two_rows_is_named(tampered):
     assert not result.ok and result.bad_seq == 3 and "swapped" in result.problem
 
 
+def test_swap_of_bodies_only_is_named(tampered):
+    path, conn, _ = tampered
+    a, b = row(conn, 5), row(conn, 9)
+    set_row(conn, 5, a[0], a[1], b[2])
+    set_row(conn, 9, b[0], b[1], a[2])
+    result = verify(path)
+    assert not result.ok and result.bad_seq == 5 and "swapped" in result.problem
+
+
 def test_swap_adjacent_rows_by_renumbering_is_named(tampered):
     path, conn, _ = tampered
     conn.execute("UPDATE ledger_records SET seq = -1 WHERE seq = 14")
