@@ -400,6 +400,8 @@ _SCHEMA = [
     "(kind, subject, detail, extra, host, platform, user, kernel, notebook, time)",
 ]
 
+_RARE = 20_000  # below this many matches, a kind filter reads through the index
+
 _AGG_COLUMNS = ("kind", "subject", "detail", "extra", "host", "platform", "user")
 
 
@@ -693,6 +695,17 @@ class SQLiteLedger(Ledger):
     ) -> Iterator[dict[str, Any]]:
         where, params = self._where(since, until, kinds, notebook)
         order = "DESC" if descending else "ASC"
+        sort_key = "seq"
+        if kinds:
+            # SQLite's planner cannot see that a kind is rare and walks the whole table in seq
+            # order; when few records match, read them through the index and sort instead.
+            probe = f"SELECT count(*) FROM (SELECT 1 FROM ledger_records {where} LIMIT {_RARE})"
+            with self._lock:
+                try:
+                    if self._conn.execute(probe, params).fetchone()[0] < _RARE:
+                        sort_key = "+seq"
+                except sqlite3.Error as exc:
+                    raise self._fail(exc, "read") from None
         page = 1000
         remaining = limit
         last: int | None = None
@@ -705,7 +718,7 @@ class SQLiteLedger(Ledger):
                 args.append(last)
             sql = (
                 f"SELECT seq, prev, hash, body FROM ledger_records {clause} "
-                f"ORDER BY seq {order} LIMIT ? OFFSET ?"
+                f"ORDER BY {sort_key} {order} LIMIT ? OFFSET ?"
             )
             args += [size, offset if last is None else 0]
             with self._lock:
