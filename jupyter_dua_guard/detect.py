@@ -953,7 +953,7 @@ def tables_from_text(text: str) -> list[Table]:
     block: list[str] = []
     blocks: list[list[str]] = []
     for line in lines:
-        line = line.rstrip().replace("\t", "    ")
+        line = line.rstrip("\r").replace("\t", "    ")
         if line.strip():
             block.append(line)
         elif block:
@@ -1094,27 +1094,38 @@ def _aligned_text(block: list[str]) -> list[Table]:
             continue
         if s.startswith("#") or _TYPE_ROW.match(line):
             continue
+        padded = line != line.rstrip()
+        line = line.rstrip()
         if s.endswith("\\") and not s.endswith("\\\\"):
             line = line.rstrip("\\").rstrip()
-        lines.append(line)
+        lines.append(line + (" " if padded else ""))
     lines = _drop_prose(lines)
     if len(lines) < 2:
         return []
     if is_series:
-        return _series_text(lines, series_name or "", n_rows, trunc)
-    segs = _segments(lines)
-    if len(segs) < 2:
-        return []
+        return _series_text([x.rstrip() for x in lines], series_name or "", n_rows, trunc)
+    r_axis = None
+    if (
+        len(lines) >= 3
+        and lines[0].startswith(" ")
+        and len(lines[0].split()) == 1
+        and all(x.startswith("  ") for x in lines[2:])
+    ):  # R's table(): column variable alone on the first line, row variable below
+        r_axis = lines[0].strip()
+        lines = lines[1:]
     head, body = lines[:1], lines[1:]
-    # pandas index-name row(s) right under the header: text only in the first segment(s)
+    # pandas index-name row right under the header: nothing in the last data column
     idx_name_rows = []
-    while (
-        body
-        and _fields(body[0], segs)[0]
-        and not any(f not in ("...", "…") and f for f in _fields(body[0], segs)[1:])
-    ):
-        idx_name_rows.append(body.pop(0))
-    if not body:
+    if len(body) >= 2:
+        data_segs = _segments([b.rstrip() for b in body[1:]])
+        if len(data_segs) >= 2 and len(body[0].rstrip()) <= data_segs[-1][0]:
+            idx_name_rows.append(body.pop(0))
+    lines = [x.rstrip() for x in lines]
+    head = [x.rstrip() for x in head]
+    body = [x.rstrip() for x in body]
+    idx_name_rows = [x.rstrip() for x in idx_name_rows]
+    segs = _segments(head + idx_name_rows + body)
+    if len(segs) < 2 or not body:
         return []
     segs = _merge_segments(segs, head, body)
     if len(segs) < 2:
@@ -1123,11 +1134,14 @@ def _aligned_text(block: list[str]) -> list[Table]:
     bfields = [_fields(b, segs) for b in body]
     ifields = [_fields(h, segs) for h in idx_name_rows]
     names = [" ".join(h[j] for h in hfields if h[j]) for j in range(len(segs))]
-    first_is_index = is_series or (not names[0]) or bool(idx_name_rows)
+    first_is_index = is_series or (not names[0]) or bool(idx_name_rows) or bool(r_axis)
     if not first_is_index and body and all(_INT_RE.match(b[0] or "x") for b in bfields):
         # R prints row names 1..n under an empty header; pandas does too under a blank
         first_is_index = not names[0]
-    col_axis_name = names[0] if (idx_name_rows and names[0]) else None
+    col_axis_name = names[0] if (idx_name_rows and names[0]) else r_axis
+    if r_axis and names[0] and not idx_name_rows:
+        ifields = [[names[0]] + [""] * (len(segs) - 1)]
+        names[0] = ""
     # sparse MultiIndex (pandas leaves repeated outer labels blank): carry them down
     n_idx = 1 if first_is_index else 0
     if idx_name_rows:
