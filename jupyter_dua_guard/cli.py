@@ -21,7 +21,12 @@ class DUAGuardApp(JupyterApp):
         "(c.DUAGuard.*) and from --DUAGuard.<setting>=... on the command line."
     )
     classes = [DUAGuard]
-    subcommands: dict = {}
+    subcommands: dict = {
+        "scan": (
+            "jupyter_dua_guard.scan.ScanApp",
+            "Scan notebooks for individual-level outputs and small cells (exit 1 if flagged).",
+        ),
+    }
 
     # Read the server's configuration files so that the command line sees the same settings.
     config_file_name = "jupyter_server_config"

@@ -349,7 +349,14 @@ def column_role(label: str, vocabulary: Vocabulary) -> str | None:
     if norm in _COUNT_LABELS or tokens & _COUNT_TOKENS or re.fullmatch(r"n [a-z]+", norm):
         if not tokens & {"mean", "median", "avg", "average", "rate", "pct", "percent"}:
             return "count"
-    if norm in _MODEL_LABELS or raw in {"p>|t|", "p>|z|", "pr(>|t|)", "pr(>|z|)", "[0.025", "0.975]"}:
+    if norm in _MODEL_LABELS or raw in {
+        "p>|t|",
+        "p>|z|",
+        "pr(>|t|)",
+        "pr(>|z|)",
+        "[0.025",
+        "0.975]",
+    }:
         return "model"
     if tokens & _AGG_TOKENS:
         return "agg"
@@ -396,6 +403,17 @@ def _safe_label(label: str) -> str:
     ):
         return "an unnamed column"
     return f"'{text}'"
+
+
+def _cols(cols: list[Column], verb: tuple[str, str] | None = None) -> str:
+    """ "column 'A' is" / "columns 'A', 'B' are" (at most three labels named)."""
+    names = ", ".join(_safe_label(c.name) for c in cols[:3])
+    if len(cols) > 3:
+        names += f" and {len(cols) - 3} more"
+    text = ("columns " if len(cols) > 1 else "column ") + names
+    if verb:
+        text += " " + (verb[1] if len(cols) > 1 else verb[0])
+    return text
 
 
 def _looks_range(values: list[str | None]) -> bool:
@@ -527,8 +545,10 @@ def analyze_table(table: Table, settings: DetectorSettings) -> list[Finding]:
         ]
         if small:
             lo = 0 if not settings.allow_zero_cells else 1
-            what = "crosstab" if crosstab else "count column(s) " + ", ".join(
-                _safe_label(c.name) for c in count_cols[:3]
+            what = (
+                "crosstab"
+                if crosstab
+                else "count column(s) " + ", ".join(_safe_label(c.name) for c in count_cols[:3])
             )
             findings.append(
                 Finding(
@@ -579,46 +599,38 @@ def analyze_table(table: Table, settings: DetectorSettings) -> list[Finding]:
     per_row = "one per case" if entity_rows else ""
     if ids:
         conf = 0.95
-        names = ", ".join(_safe_label(c.name) for c in ids[:3])
         reasons.append(
-            f"column {names} identifies persons; {n_rows} row{'s' if n_rows != 1 else ''}, "
+            f"{_cols(ids, ('identifies', 'identify'))} persons; "
+            f"{n_rows} row{'s' if n_rows != 1 else ''}, "
             f"{per_row or 'one per identifier'}"
         )
-    direct_cols = [
-        c
-        for c, r in all_cols
-        if r == "direct" and _direct_values(c)
-    ]
+    direct_cols = [c for c, r in all_cols if r == "direct" and _direct_values(c)]
     if direct_cols:
         findings.append(
             Finding(
                 DIRECT_IDENTIFIER,
                 0.9,
                 [
-                    f"column {', '.join(_safe_label(c.name) for c in direct_cols[:3])} holds "
-                    "direct identifiers (names or contact details)"
+                    f"{_cols(direct_cols, ('holds', 'hold'))} direct identifiers "
+                    "(names or contact details)"
                 ],
             )
         )
         conf = max(conf, 0.9)
         reasons.append("rows carry direct identifiers of persons")
     if entity_rows:
-        dates = [c for c, r in all_cols if r == "date" and _numeric_kind(c) in ("date", "text", "empty")]
+        dates = [
+            c for c, r in all_cols if r == "date" and _numeric_kind(c) in ("date", "text", "empty")
+        ]
         per_person = [c for c, r in all_cols if r == "per_person"]
         qis = [(c, r[3:]) for c, r in all_cols if r and r.startswith("qi:")]
         case = [c for c, r in all_cols if r == "case"]
         if dates:
             conf = max(conf, 0.85)
-            reasons.append(
-                f"column {', '.join(_safe_label(c.name) for c in dates[:3])} gives exact dates "
-                "per person"
-            )
+            reasons.append(f"{_cols(dates, ('gives', 'give'))} exact dates per person")
         if per_person and shown >= 1:
             conf = max(conf, 0.8 if (qis or case or shown > 1) else 0.6)
-            reasons.append(
-                f"column {', '.join(_safe_label(c.name) for c in per_person[:3])} is recorded "
-                "per person"
-            )
+            reasons.append(f"{_cols(per_person, ('is', 'are'))} recorded per person")
         n_vars = len(qis) + len(case) + len(per_person) + len(dates)
         if qis and (len(qis) >= 2 or n_vars >= 2):
             kmin = _min_class(table, [c for c, _ in qis])
@@ -788,7 +800,9 @@ def tables_from_html(html: str) -> list[Table]:
         table = _grid_to_table(raw, truncated_input or raw in pending)
         if table is None:
             continue
-        rows = _shape_rows(raw["caption"]) or (_shape_rows(outside) if len(raw_tables) == 1 else None)
+        rows = _shape_rows(raw["caption"]) or (
+            _shape_rows(outside) if len(raw_tables) == 1 else None
+        )
         if rows is not None:
             table.n_rows = rows
             table.truncated = table.truncated or rows > table.shown_rows
@@ -856,15 +870,15 @@ def _grid_to_table(raw: dict[str, Any], truncated: bool) -> Table | None:
     dtypes: list[str] | None = None
     for row in list(head):
         cells = [c[1] for c in row if c[1]]
-        if cells and all(_DTYPE_CELL.match(t.strip("<>").lower()) or _DTYPE_CELL.match(t) for t in cells):
+        if cells and all(
+            _DTYPE_CELL.match(t.strip("<>").lower()) or _DTYPE_CELL.match(t) for t in cells
+        ):
             dtypes = [c[1] for c in row]
             head.remove(row)
     # number of index columns: leading <th> cells of body rows
     n_idx = 0
     if body:
-        n_idx = min(
-            sum(1 for _ in _takewhile_th(r)) for r in body[: min(len(body), 50)]
-        )
+        n_idx = min(sum(1 for _ in _takewhile_th(r)) for r in body[: min(len(body), 50)])
         n_idx = min(n_idx, width - 1) if width > 1 else n_idx
     # polars/R truncation rows and columns
     is_ellipsis = re.compile(r"^(?:\.\.\.|…|⋮|⋯|\.\.)$")
@@ -939,7 +953,9 @@ _FOOTER_ROWS = (
     re.compile(r"^#\s*A (?:tibble|data\.table|data frame):\s*(\d[\d,]*)\s*[×x]\s*(\d+)"),
     re.compile(r"^shape:\s*\((\d[\d_]*),\s*(\d+)\)$"),
 )
-_MORE_ROWS = re.compile(r"(?:#\s*(?:ℹ|…|\.\.\.)\s*(?:with\s*)?(\d[\d,]*) more rows?|omitted (\d[\d,]*) rows)")
+_MORE_ROWS = re.compile(
+    r"(?:#\s*(?:ℹ|…|\.\.\.)\s*(?:with\s*)?(\d[\d,]*) more rows?|omitted (\d[\d,]*) rows)"
+)
 _SERIES_FOOTER = re.compile(r"^(?:Name: (.*?), )?(?:Length: (\d+), )?dtype: \w+")
 _TYPE_ROW = re.compile(r"^\s*(?:<[\w.]+>\s*)+$")
 
@@ -969,9 +985,11 @@ def tables_from_text(text: str) -> list[Table]:
                 rows = next((g for g in m.groups() if g), None)
                 if rows and m.re is _FOOTER_ROWS[0]:
                     tables[-1].n_rows = int(rows.replace(",", ""))
-                tables[-1].truncated = tables[-1].truncated or tables[-1].total_rows > tables[
-                    -1
-                ].shown_rows or m.re is _MORE_ROWS
+                tables[-1].truncated = (
+                    tables[-1].truncated
+                    or tables[-1].total_rows > tables[-1].shown_rows
+                    or m.re is _MORE_ROWS
+                )
                 continue
         if any(_POLARS_BORDER.match(b.lstrip()) for b in block):
             t = _polars_text(block)
@@ -1020,7 +1038,11 @@ def _polars_text(block: list[str]) -> Table | None:
         else:
             body2.append(r)
     cols = [
-        Column(n, [_clean(r[j]) if j < len(r) else None for r in body2], dtype=dtypes[j] if dtypes and j < len(dtypes) else None)
+        Column(
+            n,
+            [_clean(r[j]) if j < len(r) else None for r in body2],
+            dtype=dtypes[j] if dtypes and j < len(dtypes) else None,
+        )
         for j, n in enumerate(names)
         if n not in ("…", "...")
     ]
@@ -1482,7 +1504,9 @@ def detect_text(text: str) -> list[Finding]:
             if _DOB_RE.search(line) and _has_name(line):
                 n += 1
         if n:
-            reasons.append(f"{n} line{'s' if n > 1 else ''} with a person's name next to a date of birth")
+            reasons.append(
+                f"{n} line{'s' if n > 1 else ''} with a person's name next to a date of birth"
+            )
     if not reasons:
         return []
     return [
@@ -1576,7 +1600,9 @@ def _cells_text(tables: list[Table]) -> str:
     for t in tables:
         cols = t.index + t.columns
         for i in range(min(t.shown_rows, 500)):
-            lines.append("  ".join(f"{c.name}: {c.values[i] or ''}" for c in cols if i < len(c.values)))
+            lines.append(
+                "  ".join(f"{c.name}: {c.values[i] or ''}" for c in cols if i < len(c.values))
+            )
     return "\n".join(lines)
 
 

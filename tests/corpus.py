@@ -84,23 +84,39 @@ def r_dataframe_html(df: pd.DataFrame, *, tibble: bool = False, max_rows: int = 
     """What IRkernel's repr shows for a data.frame / tibble."""
     types = {"int64": "&lt;int&gt;", "float64": "&lt;dbl&gt;"}
     kind = "A tibble" if tibble else "A data.frame"
-    out = ["<table class=\"dataframe\">", f"<caption>{kind}: {len(df)} × {df.shape[1]}</caption>"]
+    out = ['<table class="dataframe">', f"<caption>{kind}: {len(df)} × {df.shape[1]}</caption>"]
     lead = "" if tibble else "<th></th>"
     out.append("<thead>")
-    out.append("\t<tr>" + lead + "".join(f"<th scope=col>{html.escape(str(c))}</th>" for c in df.columns) + "</tr>")
     out.append(
         "\t<tr>"
         + lead
-        + "".join(f"<th scope=col>{types.get(str(df[c].dtype), '&lt;chr&gt;')}</th>" for c in df.columns)
+        + "".join(f"<th scope=col>{html.escape(str(c))}</th>" for c in df.columns)
+        + "</tr>"
+    )
+    out.append(
+        "\t<tr>"
+        + lead
+        + "".join(
+            f"<th scope=col>{types.get(str(df[c].dtype), '&lt;chr&gt;')}</th>" for c in df.columns
+        )
         + "</tr>"
     )
     out.append("</thead>\n<tbody>")
-    shown = df if len(df) <= max_rows else pd.concat([df.head(max_rows // 2), df.tail(max_rows // 2)])
+    shown = (
+        df if len(df) <= max_rows else pd.concat([df.head(max_rows // 2), df.tail(max_rows // 2)])
+    )
     for k, (i, row) in enumerate(shown.iterrows()):
         if len(df) > max_rows and k == max_rows // 2:
-            out.append("\t<tr>" + ("<th scope=row>⋮</th>" if not tibble else "") + "<td>⋮</td>" * df.shape[1] + "</tr>")
+            out.append(
+                "\t<tr>"
+                + ("<th scope=row>⋮</th>" if not tibble else "")
+                + "<td>⋮</td>" * df.shape[1]
+                + "</tr>"
+            )
         head = "" if tibble else f"<th scope=row>{i + 1}</th>"
-        out.append("\t<tr>" + head + "".join(f"<td>{html.escape(str(v))}</td>" for v in row) + "</tr>")
+        out.append(
+            "\t<tr>" + head + "".join(f"<td>{html.escape(str(v))}</td>" for v in row) + "</tr>"
+        )
     out.append("</tbody>\n</table>")
     return "\n".join(out)
 
@@ -110,8 +126,18 @@ def r_dataframe_text(df: pd.DataFrame, *, tibble: bool = False, max_rows: int = 
     shown = df.head(max_rows) if tibble else df
     cols = [str(c).replace(" ", "_") for c in df.columns]
     cells = [[str(v) for v in shown[c]] for c in df.columns]
-    types = ["<int>" if str(df[c].dtype) == "int64" else "<dbl>" if str(df[c].dtype) == "float64" else "<chr>" for c in df.columns]
-    widths = [max(len(h), len(t), *(len(x) for x in col)) for h, t, col in zip(cols, types, cells, strict=True)]
+    types = [
+        "<int>"
+        if str(df[c].dtype) == "int64"
+        else "<dbl>"
+        if str(df[c].dtype) == "float64"
+        else "<chr>"
+        for c in df.columns
+    ]
+    widths = [
+        max(len(h), len(t), *(len(x) for x in col))
+        for h, t, col in zip(cols, types, cells, strict=True)
+    ]
     rn = [str(i + 1) for i in range(len(shown))]
     rw = max(len(x) for x in rn)
     lines = []
@@ -119,9 +145,13 @@ def r_dataframe_text(df: pd.DataFrame, *, tibble: bool = False, max_rows: int = 
         lines.append(f"# A tibble: {len(df)} × {df.shape[1]}")
     lines.append(" " * rw + " " + " ".join(h.rjust(w) for h, w in zip(cols, widths, strict=True)))
     if tibble:
-        lines.append(" " * rw + " " + " ".join(t.rjust(w) for t, w in zip(types, widths, strict=True)))
+        lines.append(
+            " " * rw + " " + " ".join(t.rjust(w) for t, w in zip(types, widths, strict=True))
+        )
     for i in range(len(shown)):
-        lines.append(rn[i].rjust(rw) + " " + " ".join(cells[j][i].rjust(w) for j, w in enumerate(widths)))
+        lines.append(
+            rn[i].rjust(rw) + " " + " ".join(cells[j][i].rjust(w) for j, w in enumerate(widths))
+        )
     if tibble and len(df) > max_rows:
         lines.append(f"# ℹ {len(df) - max_rows} more rows")
     return "\n".join(lines)
@@ -132,10 +162,19 @@ def r_table_text(ct: pd.DataFrame, row_var: str, col_var: str) -> str:
     rows = [str(x) for x in ct.index]
     cols = [str(x) for x in ct.columns]
     lw = max(len(row_var), *(len(r) + 2 for r in rows))
-    widths = [max(len(c), *(len(str(v)) for v in ct[c0])) for c, c0 in zip(cols, ct.columns, strict=True)]
-    lines = [" " * lw + " " + col_var, row_var.ljust(lw) + " " + " ".join(c.rjust(w) for c, w in zip(cols, widths, strict=True))]
+    widths = [
+        max(len(c), *(len(str(v)) for v in ct[c0])) for c, c0 in zip(cols, ct.columns, strict=True)
+    ]
+    lines = [
+        " " * lw + " " + col_var,
+        row_var.ljust(lw) + " " + " ".join(c.rjust(w) for c, w in zip(cols, widths, strict=True)),
+    ]
     for r, (_, vals) in zip(rows, ct.iterrows(), strict=True):
-        lines.append(("  " + r).ljust(lw) + " " + " ".join(str(v).rjust(w) for v, w in zip(vals, widths, strict=True)))
+        lines.append(
+            ("  " + r).ljust(lw)
+            + " "
+            + " ".join(str(v).rjust(w) for v, w in zip(vals, widths, strict=True))
+        )
     return "\n".join(lines)
 
 
@@ -177,7 +216,9 @@ def statsmodels_summary(seed: int) -> dict[str, str]:
         "------------------------------------------------------------------------------",
     ]
     for n, c in zip(rows, coef, strict=True):
-        text.append(f"{n:<18} {c:10.4f} {abs(c) / 7:10.3f} {c * 7:10.3f} {0.001:10.3f} {c - 0.2:10.3f} {c + 0.2:10.3f}")
+        text.append(
+            f"{n:<18} {c:10.4f} {abs(c) / 7:10.3f} {c * 7:10.3f} {0.001:10.3f} {c - 0.2:10.3f} {c + 0.2:10.3f}"
+        )
     h = [
         '<table class="simpletable">',
         "<caption>OLS Regression Results</caption>",
@@ -265,27 +306,52 @@ def build_corpus() -> list[Case]:
                  "Race recode (White, Black, Other)": "race", "Year of diagnosis": "year_dx"}
     )  # fmt: skip
     add("R data.frame html with patient_id", {"text/html": r_dataframe_html(rdf)}, {IND})
-    add("R tibble html no id", {"text/html": r_dataframe_html(rdf.drop(columns="patient_id"), tibble=True)}, {IND})
+    add(
+        "R tibble html no id",
+        {"text/html": r_dataframe_html(rdf.drop(columns="patient_id"), tibble=True)},
+        {IND},
+    )
     add("R data.frame text", {"text/plain": r_dataframe_text(rdf)}, {IND})
-    add("R tibble text 25 rows", {"text/plain": r_dataframe_text(rdf.drop(columns="patient_id"), tibble=True)}, {IND})
+    add(
+        "R tibble text 25 rows",
+        {"text/plain": r_dataframe_text(rdf.drop(columns="patient_id"), tibble=True)},
+        {IND},
+    )
     add("kable html listing", {"text/html": kable_html(rdf.head(12))}, {IND})
-    add("kable markdown listing", {"text/markdown": kable_markdown(rdf.head(12)), "text/plain": kable_markdown(rdf.head(12))}, {IND})
+    add(
+        "kable markdown listing",
+        {"text/markdown": kable_markdown(rdf.head(12)), "text/plain": kable_markdown(rdf.head(12))},
+        {IND},
+    )
     add(
         "dataresource listing",
-        {"application/vnd.dataresource+json": json.loads(wide_noid.head(20).to_json(orient="table")), "text/plain": repr(wide_noid.head(20))},
+        {
+            "application/vnd.dataresource+json": json.loads(
+                wide_noid.head(20).to_json(orient="table")
+            ),
+            "text/plain": repr(wide_noid.head(20)),
+        },
         {IND},
     )
     r = _rng(7)
     dates = pd.DataFrame(
         {
-            "Date of birth": pd.to_datetime(r.integers(-15000, 5000, 15), unit="D").strftime("%Y-%m-%d"),
-            "Date of diagnosis": pd.to_datetime(r.integers(12000, 18000, 15), unit="D").strftime("%Y-%m-%d"),
+            "Date of birth": pd.to_datetime(r.integers(-15000, 5000, 15), unit="D").strftime(
+                "%Y-%m-%d"
+            ),
+            "Date of diagnosis": pd.to_datetime(r.integers(12000, 18000, 15), unit="D").strftime(
+                "%Y-%m-%d"
+            ),
             "Tumor size": r.integers(1, 80, 15),
         }
     )
     add("listing with dates of birth and diagnosis", _pandas_html(dates), {IND})
     surv = pd.DataFrame(
-        {"Primary Site - labeled": r.choice(SITES, 20), "Combined Summary Stage (2004+)": r.choice(STAGES, 20), "Survival months": r.integers(0, 200, 20)}
+        {
+            "Primary Site - labeled": r.choice(SITES, 20),
+            "Combined Summary Stage (2004+)": r.choice(STAGES, 20),
+            "Survival months": r.integers(0, 200, 20),
+        }
     )
     add("listing with survival months per person", _pandas_text(surv), {IND})
     add("single patient lookup", _pandas_html(wide_id.iloc[[3]]), {IND})
@@ -298,13 +364,20 @@ def build_corpus() -> list[Case]:
     add("SEER ASCII names listing", _pandas_text(seer_ascii), {IND})
     add("in-kernel pandas listing", _pandas_html(wide_noid), {IND}, obj=wide_noid)
     add("in-kernel polars listing", _polars_html(_pl(narrow_noid)), {IND}, obj=_pl(narrow_noid))
-    preds = pd.DataFrame({"patient_id": [f"P-{100000 + i}" for i in range(30)], "predicted_risk": r.random(30).round(3)})
+    preds = pd.DataFrame(
+        {
+            "patient_id": [f"P-{100000 + i}" for i in range(30)],
+            "predicted_risk": r.random(30).round(3),
+        }
+    )
     add("model predictions per patient", _pandas_html(preds), {IND})
 
     # ---------------- direct identifiers
     add(
         "stream with name and DOB",
-        {"text/plain": "Checking record...\nPatient: Maria Garcia, DOB: 1961-04-12, stage Regional\n"},
+        {
+            "text/plain": "Checking record...\nPatient: Maria Garcia, DOB: 1961-04-12, stage Regional\n"
+        },
         {DIRECT},
     )
     named = pd.DataFrame(
@@ -313,7 +386,11 @@ def build_corpus() -> list[Case]:
          "Primary Site - labeled": r.choice(SITES, 10)}
     )  # fmt: skip
     add("listing with names and DOB", _pandas_html(named), {IND, DIRECT})
-    add("stream with SSN and e-mail", {"text/plain": "ssn=123-45-6789 contact=olu.okafor@example.org\n"}, {DIRECT})
+    add(
+        "stream with SSN and e-mail",
+        {"text/plain": "ssn=123-45-6789 contact=olu.okafor@example.org\n"},
+        {DIRECT},
+    )
     add("stream with MRN", {"text/plain": "lookup MRN: 00482913 -> matched 1 record\n"}, {DIRECT})
 
     # ---------------- small cells
@@ -321,19 +398,39 @@ def build_corpus() -> list[Case]:
     small.iloc[0, 0] = 3
     add("pandas crosstab html small", _pandas_html(small), {SMALL})
     add("pandas crosstab text small", _pandas_text(small), {SMALL})
-    add("crosstab with margins small", _pandas_html(pd.concat([small, small.sum().to_frame("All").T])), {SMALL})
-    vc = pd.Series(r.choice(SITES, 200, p=[0.4, 0.3, 0.2, 0.07, 0.02, 0.01]), name="Primary Site - labeled").value_counts()
+    add(
+        "crosstab with margins small",
+        _pandas_html(pd.concat([small, small.sum().to_frame("All").T])),
+        {SMALL},
+    )
+    vc = pd.Series(
+        r.choice(SITES, 200, p=[0.4, 0.3, 0.2, 0.07, 0.02, 0.01]), name="Primary Site - labeled"
+    ).value_counts()
     add("value_counts text small", _pandas_text(vc), {SMALL})
-    grp = pd.DataFrame({"County": r.choice(COUNTIES, 150), "Sex": r.choice(["Male", "Female"], 150)})
+    grp = pd.DataFrame(
+        {"County": r.choice(COUNTIES, 150), "Sex": r.choice(["Male", "Female"], 150)}
+    )
     gsize = grp.groupby(["County", "Sex"]).size().reset_index(name="n")
     add("groupby size reset_index html small", _pandas_html(gsize), {SMALL})
-    add("groupby size series text small", _pandas_text(grp.groupby(["County", "Sex"]).size()), {SMALL})
+    add(
+        "groupby size series text small",
+        _pandas_text(grp.groupby(["County", "Sex"]).size()),
+        {SMALL},
+    )
     rt = pd.crosstab(grp["Sex"], grp["County"])
     add("R table() text small", {"text/plain": r_table_text(rt, "sex", "county")}, {SMALL})
     rcount = gsize.rename(columns={"County": "county", "Sex": "sex"})
-    add("R dplyr count tibble html small", {"text/html": r_dataframe_html(rcount, tibble=True)}, {SMALL})
+    add(
+        "R dplyr count tibble html small",
+        {"text/html": r_dataframe_html(rcount, tibble=True)},
+        {SMALL},
+    )
     add("kable count table small", {"text/html": kable_html(rcount.head(8))}, {SMALL})
-    add("polars group_by len small", _polars_html(_pl(grp).group_by(["County", "Sex"]).len().sort("County")), {SMALL})
+    add(
+        "polars group_by len small",
+        _polars_html(_pl(grp).group_by(["County", "Sex"]).len().sort("County")),
+        {SMALL},
+    )
     t1 = pd.DataFrame(
         {"Characteristic": ["Male", "Female", "White", "Black", "Other"],
          "Cases, n (%)": ["412 (51.2%)", "393 (48.8%)", "700 (87.0%)", "96 (11.9%)", "9 (1.1%)"]}
@@ -364,18 +461,33 @@ def build_corpus() -> list[Case]:
     )  # fmt: skip
     add("broom tidy tibble html", {"text/html": r_dataframe_html(broom, tibble=True)}, set())
     cox = pd.DataFrame(
-        {"coef": [0.41, -0.2], "exp(coef)": [1.5, 0.82], "se(coef)": [0.05, 0.04], "z": [8.2, -5.0], "p": [0.001, 0.001]},
+        {
+            "coef": [0.41, -0.2],
+            "exp(coef)": [1.5, 0.82],
+            "se(coef)": [0.05, 0.04],
+            "z": [8.2, -5.0],
+            "p": [0.001, 0.001],
+        },
         index=pd.Index(["stage_distant", "age_per_10y"], name="covariate"),
     )
     add("Cox coefficient table", _pandas_html(cox), set())
-    add("matplotlib figure", {"image/png": "iVBORw0KGgoAAAANSUhEUg==", "text/plain": "<Figure size 640x480 with 1 Axes>"}, set())
+    add(
+        "matplotlib figure",
+        {
+            "image/png": "iVBORw0KGgoAAAANSUhEUg==",
+            "text/plain": "<Figure size 640x480 with 1 Axes>",
+        },
+        set(),
+    )
     add(
         "plotly figure html",
         {"text/html": '<div id="f1" class="plotly-graph-div"></div><script>Plotly.newPlot("f1", [{"x": [2010, 2011], "y": [412.1, 398.4]}])</script>',
          "text/plain": "Figure({'data': [...]})"},
         set(),
     )  # fmt: skip
-    means = long_noid.groupby("Primary Site - labeled").agg(mean_age=("Age at diagnosis", "mean"), median_survival=("Survival months", "median"))
+    means = long_noid.groupby("Primary Site - labeled").agg(
+        mean_age=("Age at diagnosis", "mean"), median_survival=("Survival months", "median")
+    )
     add("groupby means by site", _pandas_html(means), set())
     rates = pd.DataFrame(
         {"Year of diagnosis": range(2010, 2021), "Count": r.integers(900, 1500, 11),
@@ -383,20 +495,35 @@ def build_corpus() -> list[Case]:
     )  # fmt: skip
     add("incidence rates by year", _pandas_html(rates), set())
     add("R table() text large", {"text/plain": r_table_text(big, "stage", "sex")}, set())
-    add("random numeric frame", _pandas_html(pd.DataFrame(r.random((30, 5)), columns=list("abcde"))), set())
-    add("stream progress log", {"text/plain": "epoch 1/10 loss=0.41\nepoch 2/10 loss=0.37\nsaved model to /tmp/m.pt\n"}, set())
+    add(
+        "random numeric frame",
+        _pandas_html(pd.DataFrame(r.random((30, 5)), columns=list("abcde"))),
+        set(),
+    )
+    add(
+        "stream progress log",
+        {"text/plain": "epoch 1/10 loss=0.41\nepoch 2/10 loss=0.37\nsaved model to /tmp/m.pt\n"},
+        set(),
+    )
     t1big = pd.DataFrame(
         {"Characteristic": ["Male", "Female", "White", "Black"],
          "Cases, n (%)": ["412 (51.2%)", "393 (48.8%)", "700 (87.0%)", "105 (13.0%)"]}
     )  # fmt: skip
     add("Table 1 n (%) large", _pandas_html(t1big), set())
-    metrics = pd.DataFrame({"model": ["logit", "gbm"], "auc": [0.71, 0.74], "accuracy": [0.66, 0.69]})
+    metrics = pd.DataFrame(
+        {"model": ["logit", "gbm"], "auc": [0.71, 0.74], "accuracy": [0.66, 0.69]}
+    )
     add("model metrics table", _pandas_html(metrics), set())
     corr = long_noid[["Age at diagnosis", "Year of diagnosis", "Survival months"]].corr()
     add("correlation matrix", _pandas_html(corr), set())
     add("in-kernel describe", _pandas_html(long_noid.describe()), set(), obj=long_noid.describe())
     add("in-kernel large crosstab", _pandas_html(big), set(), obj=big)
-    add("value_counts in-kernel large", _pandas_text(long_noid["Sex"].value_counts()), set(), obj=long_noid["Sex"].value_counts())
+    add(
+        "value_counts in-kernel large",
+        _pandas_text(long_noid["Sex"].value_counts()),
+        set(),
+        obj=long_noid["Sex"].value_counts(),
+    )
     return cases
 
 
