@@ -1,6 +1,7 @@
 """``jupyter dua-guard``: the command line of the guard, in Jupyter's subcommand style."""
 
 import sys
+from typing import ClassVar
 
 from jupyter_core.application import JupyterApp
 
@@ -20,8 +21,8 @@ class DUAGuardApp(JupyterApp):
         "Settings come from the same jupyter_server_config.py/json files as the server "
         "(c.DUAGuard.*) and from --DUAGuard.<setting>=... on the command line."
     )
-    classes = [DUAGuard]
-    subcommands: dict = {
+    classes: ClassVar[list] = [DUAGuard]
+    subcommands: ClassVar[dict] = {
         "scan": (
             "jupyter_dua_guard.scan.ScanApp",
             "Scan notebooks for individual-level outputs and small cells (exit 1 if flagged).",

@@ -14,6 +14,7 @@ The rule set and its defaults are documented in ``docs/detector.md``.
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 import sys
@@ -267,6 +268,7 @@ def _as_count(text: str | None) -> int | None:
 
 # --------------------------------------------------------------------------- column roles
 
+# fmt: off
 _AGG_TOKENS = {
     "mean", "median", "avg", "average", "std", "sd", "stdev", "se", "sem", "var", "variance",
     "sum", "rate", "rates", "ratio", "pct", "percent", "percentage", "proportion", "prop",
@@ -274,7 +276,7 @@ _AGG_TOKENS = {
     "incidence", "prevalence", "crude", "adjusted", "cumulative", "aapc", "apc", "mortality",
     "risk", "probability", "prob", "density", "quantile", "percentile", "mode", "range",
     "lower", "upper",
-}  # fmt: skip
+}
 _COUNT_LABELS = {
     "n", "count", "counts", "freq", "frequency", "frequencies", "cases", "case count",
     "case counts", "no", "num", "number", "size", "deaths", "events", "total", "tally",
@@ -283,7 +285,7 @@ _COUNT_LABELS = {
     "num cases", "count of cases", "n pct", "count pct", "n obs", "nobs", "len",
     "population at risk", "at risk", "observed", "censored", "removed", "entrance",
     "survivors", "tumors", "number of tumors", "all", "grand total", "row total",
-}  # fmt: skip
+}
 _COUNT_TOKENS = {"count", "counts", "freq", "frequency", "tally", "nobs"}
 _MODEL_LABELS = {
     "coef", "coefficient", "coefficients", "estimate", "estimates", "std err", "std error",
@@ -295,12 +297,12 @@ _MODEL_LABELS = {
     "95 ci", "95pct ci", "coef lower 95pct", "coef upper 95pct", "exp coef lower 95pct",
     "exp coef upper 95pct", "importance", "feature importance", "weight", "loadings",
     "r2", "rmse", "auc", "accuracy", "precision", "recall", "f1", "f1 score", "support",
-}  # fmt: skip
+}
 _DESCRIBE_LABELS = {
     "count", "mean", "std", "min", "25%", "50%", "75%", "max", "null_count", "unique",
     "top", "freq", "median", "min.", "1st qu.", "3rd qu.", "max.", "sd", "var", "sum",
     "first", "last", "nunique", "skew", "kurt",
-}  # fmt: skip
+}
 _MODEL_ROW_LABELS = {"const", "intercept", "(intercept)", "_cons"}
 _NON_PERSON = {
     "registry", "site", "county", "state", "hospital", "facility", "model", "run", "batch",
@@ -308,35 +310,36 @@ _NON_PERSON = {
     "physician", "code", "category", "question", "item", "region", "block", "node", "doc",
     "document", "file", "image", "row", "col", "column", "experiment", "fold", "seed",
     "thread", "process", "session", "request", "product", "order", "transaction",
-}  # fmt: skip
+}
 _ID_TOKENS = {"id", "ids", "identifier", "uuid", "guid", "mrn", "ssn", "pubcsnum", "ptid"}
 _ID_PHRASES = (
     "record number", "case number", "patient number", "patient no", "chart number",
     "medical record", "social security", "patient key", "person key",
-)  # fmt: skip
+)
 _PERSON_NAME_LABELS = {
     "name", "patient name", "full name", "first name", "last name", "surname", "given name",
     "family name", "middle name", "maiden name", "firstname", "lastname", "fname", "lname",
     "patient", "person", "decedent",
-}  # fmt: skip
+}
 _CONTACT_TOKENS = {"email", "mail", "phone", "telephone", "address", "street", "ssn"}
 _DATE_EVENT_TOKENS = {
     "birth", "dob", "diagnosis", "dx", "death", "died", "contact", "followup", "follow",
     "surgery", "admission", "admit", "discharge", "treatment", "visit", "encounter",
-}  # fmt: skip
+}
 _QI_TOKENS = {
     "age": "age", "sex": "sex", "gender": "sex", "race": "race", "ethnicity": "race",
     "hispanic": "race", "origin": "race", "county": "geo", "state": "geo", "zip": "geo",
     "zipcode": "geo", "fips": "geo", "tract": "geo", "registry": "geo", "city": "geo",
     "postcode": "geo", "histology": "site", "histologic": "site", "morphology": "site",
     "topography": "site", "behavior": "site", "behaviour": "site", "yob": "year",
-}  # fmt: skip
+}
 _CASE_TOKENS = {
     "stage", "grade", "laterality", "surgery", "radiation", "chemo", "chemotherapy",
     "treatment", "tumor", "tumour", "nodes", "eod", "marital", "insurance", "diagnostic",
     "behavior", "cod", "primary", "icd", "icdo3", "seer", "recode", "histo3v", "siteo2v",
-}  # fmt: skip
+}
 _FINE_QI = {"geo", "year"}
+# fmt: on
 
 
 def column_role(label: str, vocabulary: Vocabulary) -> str | None:
@@ -346,9 +349,9 @@ def column_role(label: str, vocabulary: Vocabulary) -> str | None:
         return None
     raw = str(label).strip().lower()
     tokens = set(norm.split())
-    if norm in _COUNT_LABELS or tokens & _COUNT_TOKENS or re.fullmatch(r"n [a-z]+", norm):
-        if not tokens & {"mean", "median", "avg", "average", "rate", "pct", "percent"}:
-            return "count"
+    is_count = norm in _COUNT_LABELS or tokens & _COUNT_TOKENS or re.fullmatch(r"n [a-z]+", norm)
+    if is_count and not tokens & {"mean", "median", "avg", "average", "rate", "pct", "percent"}:
+        return "count"
     if norm in _MODEL_LABELS or raw in {
         "p>|t|",
         "p>|z|",
@@ -426,8 +429,8 @@ def _looks_range(values: list[str | None]) -> bool:
             return False
         ints.append(int(v.replace(",", "")))
     if ints[0] not in (0, 1):
-        return all(b > a for a, b in zip(ints, ints[1:], strict=False))
-    return all(b > a for a, b in zip(ints, ints[1:], strict=False))
+        return all(b > a for a, b in itertools.pairwise(ints))
+    return all(b > a for a, b in itertools.pairwise(ints))
 
 
 def _distinct_ratio(col: Column) -> float:
@@ -481,7 +484,7 @@ def analyze_table(table: Table, settings: DetectorSettings) -> list[Finding]:
     if _is_describe(table) or _is_model(table, col_roles):
         return []
     findings: list[Finding] = []
-    kinds = [_numeric_kind(c) for c in table.columns]
+    [_numeric_kind(c) for c in table.columns]
     n_rows = table.total_rows
     shown = table.shown_rows
 
@@ -916,7 +919,7 @@ def _grid_to_table(raw: dict[str, Any], truncated: bool) -> Table | None:
         trunc = True
     columns = [
         Column(
-            names[j] if not (dtypes and n_idx + j < len(dtypes)) or True else names[j],
+            names[j],
             [_clean(r[n_idx + j][1]) if n_idx + j < len(r) else None for r in body],
             dtype=(dtypes[n_idx + j] if dtypes and n_idx + j < len(dtypes) else None),
         )
@@ -1456,7 +1459,7 @@ def _table_from_polars(obj: Any) -> Table | None:
     )
 
 
-# --------------------------------------------------------------------------- direct identifiers in text
+# --------------------------------------------------------------------------- identifiers in text
 
 _SSN_RE = re.compile(r"(?<![\d-])(?!000|666|9\d\d)\d{3}-(?!00)\d{2}-(?!0000)\d{4}(?![\d-])")
 _EMAIL_RE = re.compile(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}")
@@ -1470,6 +1473,7 @@ _DOB_RE = re.compile(
     re.IGNORECASE,
 )
 _NAME_RE = re.compile(r"\b([A-Z][a-z'’-]+),? ([A-Z]\. )?([A-Z][a-z'’-]+)\b")
+# fmt: off
 _NAME_STOP = {
     "Date", "Birth", "Patient", "Name", "Age", "Sex", "The", "Of", "Year", "Male", "Female",
     "Born", "Record", "Medical", "Number", "Case", "Study", "Primary", "Site", "Stage",
@@ -1478,7 +1482,8 @@ _NAME_STOP = {
     "Unknown", "Cancer", "Breast", "Lung", "Colon", "Prostate", "Total", "All", "Mr", "Mrs",
     "Ms", "Dr", "On", "In", "At", "And", "For", "With", "Id", "January", "February", "March",
     "April", "May", "June", "July", "August", "September", "October", "November", "December",
-}  # fmt: skip
+}
+# fmt: on
 
 
 def detect_text(text: str) -> list[Finding]:

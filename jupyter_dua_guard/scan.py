@@ -14,7 +14,7 @@ import sys
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import nbformat
 from jupyter_core.application import JupyterApp
@@ -228,12 +228,12 @@ class ScanApp(JupyterApp):
         "input. Cell and output numbers count from 1."
     )
     examples = "jupyter dua-guard scan analysis/ --json"
-    classes = [DUAGuard]
+    classes: ClassVar[list] = [DUAGuard]
     config_file_name = "jupyter_server_config"
 
     json_output = Bool(False, help="Print findings as JSON instead of a table.").tag(config=True)
 
-    flags = {
+    flags: ClassVar[dict] = {
         **JupyterApp.flags,
         "json": ({"ScanApp": {"json_output": True}}, "Print findings as JSON."),
     }

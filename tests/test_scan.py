@@ -119,7 +119,7 @@ MALFORMED = {
             }
         ).encode(),
         "no 'outputs' list",
-    ),  # fmt: skip
+    ),
     "empty.ipynb": (b"", "empty file (0 bytes)"),
     "binary.ipynb": (bytes(range(256)) * 4, "binary file"),
 }
