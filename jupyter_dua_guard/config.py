@@ -6,7 +6,9 @@
 without importing the Jupyter server.
 """
 
-from traitlets import Bool
+import os
+
+from traitlets import Bool, Unicode, default
 from traitlets.config import Configurable
 
 
@@ -20,3 +22,19 @@ class DUAGuard(Configurable):
             "'DUA guard: off' in JupyterLab; the Data Use Agreement still applies."
         ),
     ).tag(config=True)
+
+    ledger_url = Unicode(
+        help=(
+            "Where the usage ledger (DUA sec. 22 records of AI/ML use) is kept: "
+            "sqlite:////absolute/path/ledger.sqlite. Defaults to $JUPYTER_DUA_GUARD_LEDGER, else "
+            "dua_guard/ledger.sqlite under the Jupyter data dir. `jupyter dua-guard` commands "
+            "take --ledger URL to override it."
+        ),
+    ).tag(config=True)
+
+    @default("ledger_url")
+    def _default_ledger_url(self) -> str:
+        from .events import ENV_LEDGER
+        from .ledger import default_ledger_url
+
+        return os.environ.get(ENV_LEDGER) or default_ledger_url()

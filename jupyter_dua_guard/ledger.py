@@ -387,7 +387,8 @@ class SQLiteLedger(Ledger):
     CHUNK = 20000
 
     def __init__(self, path: str | os.PathLike[str], *, url: str | None = None,
-                 timeout: float = 30.0, synchronous: str = "normal") -> None:  # fmt: skip
+                 timeout: float = 30.0, synchronous: str = "normal",
+                 create: bool = True) -> None:  # fmt: skip
         self.path = Path(path).expanduser().absolute()
         self.url = url or f"sqlite:///{self.path}"
         self.timeout = timeout
@@ -396,6 +397,7 @@ class SQLiteLedger(Ledger):
                 f"unknown synchronous={synchronous!r} in ledger URL {self.url}: use normal or full"
             )
         self.synchronous = synchronous.upper()
+        self.create = create
         self._lock = threading.RLock()
         self._pid = os.getpid()
         self._lockfile: int | None = None
@@ -444,6 +446,11 @@ class SQLiteLedger(Ledger):
                     "left untouched: point --ledger / DUAGuard.ledger_url at a ledger file or a "
                     "new path"
                 )
+        elif not self.create:
+            raise LedgerError(
+                f"no ledger at {path}: check --ledger / DUAGuard.ledger_url (the server creates "
+                "the ledger when it starts)"
+            )
         else:
             try:
                 path.parent.mkdir(parents=True, exist_ok=True)
@@ -834,7 +841,7 @@ class SQLiteLedger(Ledger):
             if record_hash(prev, body) != digest or bseq is None:
                 return (
                     expected if bseq in (None, expected) else seq,
-                    "its content does not match its stored hash (the record was edited)",
+                    "its content does not match its stored hash (the record was edited or forged)",
                 )
             if bseq != expected:
                 later = [r[0] for r in rows[i + 1 :] if body_seq(r[3]) == expected]
@@ -878,12 +885,13 @@ class SQLiteLedger(Ledger):
 # --------------------------------------------------------------------------- opening
 
 
-def open_ledger(url: str | None = None, *, timeout: float = 30.0) -> Ledger:
+def open_ledger(url: str | None = None, *, timeout: float = 30.0, create: bool = True) -> Ledger:
     """Open (creating if new) the ledger at ``url``.
 
     ``None`` uses ``$JUPYTER_DUA_GUARD_LEDGER``, else the default under the Jupyter data dir.
     Accepted: ``sqlite:////abs/path.sqlite``, ``sqlite:///relative/path.sqlite``, a plain
-    file path; ``?synchronous=full`` trades speed for power-loss durability.
+    file path; ``?synchronous=full`` trades speed for power-loss durability. ``create=False``
+    (readers such as ``verify``) refuses to make a new empty ledger at a mistyped path.
     """
     if url is None or url == "":
         url = os.environ.get(events.ENV_LEDGER) or default_ledger_url()
@@ -893,7 +901,7 @@ def open_ledger(url: str | None = None, *, timeout: float = 30.0) -> Ledger:
             raise LedgerError(
                 f"unknown ledger URL {url!r}: use sqlite:////absolute/path/ledger.sqlite"
             )
-        return SQLiteLedger(os.path.expanduser(url), url=url, timeout=timeout)
+        return SQLiteLedger(os.path.expanduser(url), url=url, timeout=timeout, create=create)
     parts = urlsplit(url)
     scheme = parts.scheme.lower()
     if scheme in ("postgres", "postgresql"):
@@ -928,4 +936,6 @@ def open_ledger(url: str | None = None, *, timeout: float = 30.0) -> Ledger:
         timeout = float(query.get("timeout", [timeout])[0])
     except ValueError:
         raise LedgerError(f"ledger URL {url!r}: timeout must be a number of seconds") from None
-    return SQLiteLedger(os.path.expanduser(path), url=url, timeout=timeout, synchronous=synchronous)
+    return SQLiteLedger(
+        os.path.expanduser(path), url=url, timeout=timeout, synchronous=synchronous, create=create
+    )
