@@ -6,6 +6,7 @@ from typing import ClassVar
 from jupyter_core.application import JupyterApp
 
 from ._version import __version__
+from .cli_ledger import SUBCOMMANDS as LEDGER_SUBCOMMANDS
 from .config import DUAGuard
 
 
@@ -23,9 +24,14 @@ class DUAGuardApp(JupyterApp):
     )
     classes: ClassVar[list] = [DUAGuard]
     subcommands: ClassVar[dict] = {
+        **LEDGER_SUBCOMMANDS,
         "scan": (
             "jupyter_dua_guard.scan.ScanApp",
             "Scan notebooks for individual-level outputs and small cells (exit 1 if flagged).",
+        ),
+        "review": (
+            "jupyter_dua_guard.review.ReviewApp",
+            "Sign the human review of a notebook's outputs (DUA sec. 22) in the ledger.",
         ),
     }
 

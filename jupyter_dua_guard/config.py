@@ -6,7 +6,9 @@
 without importing the Jupyter server.
 """
 
-from traitlets import Bool, Int, List, TraitError, Unicode, validate
+import os
+
+from traitlets import Bool, Int, List, TraitError, Unicode, default, validate
 from traitlets.config import Configurable
 
 
@@ -79,3 +81,19 @@ class DUAGuard(Configurable):
                 f"DUAGuard.k_anonymity must be 0 (use min_cell_count) or positive, got {value}."
             )
         return value
+
+    ledger_url = Unicode(
+        help=(
+            "Where the usage ledger (DUA sec. 22 records of AI/ML use) is kept: "
+            "sqlite:////absolute/path/ledger.sqlite. Defaults to $JUPYTER_DUA_GUARD_LEDGER, else "
+            "dua_guard/ledger.sqlite under the Jupyter data dir. `jupyter dua-guard` commands "
+            "take --ledger URL to override it."
+        ),
+    ).tag(config=True)
+
+    @default("ledger_url")
+    def _default_ledger_url(self) -> str:
+        from .events import ENV_LEDGER
+        from .ledger import default_ledger_url
+
+        return os.environ.get(ENV_LEDGER) or default_ledger_url()
