@@ -10,6 +10,7 @@ Neither contains data values.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -38,10 +39,8 @@ class OutputGuard:
 
     def uninstall(self) -> None:
         self.shell.display_formatter.format = self.original
-        try:
+        with contextlib.suppress(ValueError):
             self.shell.events.unregister("pre_run_cell", self._pre_run_cell)
-        except ValueError:
-            pass
         if self._ledger is not None:
             self._ledger.close()
             self._ledger = None
