@@ -1,11 +1,20 @@
 """The Jupyter server extension: loads the ``DUAGuard`` settings and serves the API."""
 
+from __future__ import annotations
+
+import asyncio
+import inspect
+import threading
+from typing import Any
+
 from jupyter_server.extension.application import ExtensionApp
 from traitlets import Instance
 
 from ._version import __version__
 from .config import DUAGuard
-from .handlers import StatusHandler
+from .events import KERNEL_STARTED, SCHEMA_ID, SCHEMA_PATH
+from .handlers import EventsHandler, StatusHandler
+from .ledger import Ledger, LedgerError, open_ledger
 
 API_PREFIX = "/dua-guard/api"
 
@@ -19,10 +28,101 @@ class DUAGuardExtension(ExtensionApp):
 
     guard = Instance(DUAGuard, help="The active DUA guard settings.")
 
+    _ledger: Ledger | None = None
+    _ledger_lock = threading.Lock()
+
     def initialize_settings(self) -> None:
         self.guard = DUAGuard(parent=self)
         state = "active" if self.guard.enabled else "OFF (DUAGuard.enabled=False)"
         self.log.info("jupyter-dua-guard %s: guard %s", __version__, state)
+        try:
+            self.ledger()
+            self.log.info("jupyter-dua-guard: usage ledger at %s", self.guard.ledger_url)
+        except LedgerError as exc:
+            self.log.error("jupyter-dua-guard: usage ledger unavailable: %s", exc)
+        self._register_event_schema()
+        self._watch_kernel_starts()
+
+    def _register_event_schema(self) -> None:
+        """Let jupyter_events listeners see the ledger's records as they are written."""
+        logger = getattr(self.serverapp, "event_logger", None)
+        if logger is None:
+            return
+        try:
+            logger.register_event_schema(SCHEMA_PATH)
+        except Exception as exc:  # a listener is a nicety; the ledger is the record
+            self.log.warning("jupyter-dua-guard: event schema not registered: %s", exc)
 
     def initialize_handlers(self) -> None:
-        self.handlers.extend([(f"{API_PREFIX}/status", StatusHandler)])
+        self.handlers.extend(
+            [
+                (f"{API_PREFIX}/status", StatusHandler),
+                (f"{API_PREFIX}/events", EventsHandler),
+            ]
+        )
+
+    def ledger(self) -> Ledger:
+        """The server's ledger connection, opened on first use (raises ``LedgerError``)."""
+        with self._ledger_lock:
+            if self._ledger is None:
+                self._ledger = open_ledger(self.guard.ledger_url)
+            return self._ledger
+
+    async def stop_extension(self) -> None:
+        with self._ledger_lock:
+            if self._ledger is not None:
+                self._ledger.close()
+                self._ledger = None
+
+    # -- kernel_started
+    def _watch_kernel_starts(self) -> None:
+        """Record every new kernel, however it is started (kernels API, sessions API).
+
+        The kernel manager's ``start_kernel`` is the one place that sees both the new kernel
+        id and the notebook path, so it is wrapped on this server's instance; the kernel-side
+        guard records what happens inside the kernel.
+        """
+        km = getattr(self.serverapp, "kernel_manager", None)
+        if km is None or getattr(km.start_kernel, "_dua_guard_wrapped", False):
+            return
+        original = km.start_kernel
+        extension = self
+
+        async def start_kernel(*args: Any, **kwargs: Any) -> str:
+            requested = kwargs.get("kernel_id")
+            is_new = requested is None or requested not in km
+            result = original(*args, **kwargs)
+            kernel_id = await result if inspect.isawaitable(result) else result
+            if is_new:
+                await extension._record_kernel_started(km, kernel_id, kwargs)
+            return kernel_id
+
+        start_kernel._dua_guard_wrapped = True  # type: ignore[attr-defined]
+        km.start_kernel = start_kernel
+
+    async def _record_kernel_started(self, km: Any, kernel_id: str, kwargs: dict) -> None:
+        if not self.guard.enabled:
+            return
+        env = kwargs.get("env") or {}
+        # Sessions pass the notebook's directory as path and the notebook as JPY_SESSION_NAME.
+        notebook = env.get("JPY_SESSION_NAME") or kwargs.get("path") or None
+        try:
+            kernel_name = km.get_kernel(kernel_id).kernel_name
+        except Exception:
+            kernel_name = kwargs.get("kernel_name")
+        data = {"kernel_id": kernel_id, "kernel_name": kernel_name, "notebook": notebook}
+        context = {"kernel_id": kernel_id, "notebook": notebook}
+        try:
+            ledger = self.ledger()
+            record = await asyncio.get_running_loop().run_in_executor(
+                None, ledger.append, KERNEL_STARTED, data, context
+            )
+        except LedgerError as exc:
+            self.log.error("jupyter-dua-guard: could not record kernel %s: %s", kernel_id, exc)
+            return
+        logger = getattr(self.serverapp, "event_logger", None)
+        if logger is not None and SCHEMA_ID in logger.schemas.schema_ids:
+            try:
+                logger.emit(schema_id=SCHEMA_ID, data=record)
+            except Exception as exc:
+                self.log.warning("jupyter-dua-guard: event not emitted: %s", exc)
