@@ -22,7 +22,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
-from html.parser import HTMLParser
+from html import unescape as _html_unescape
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +48,7 @@ KINDS = (INDIVIDUAL_LEVEL, SMALL_CELLS, DIRECT_IDENTIFIER)
 
 #: Only this much of one HTML output is parsed: displays are truncated anyway, and a 50 MB
 #: notebook must scan about as fast as nbformat reads it.
-MAX_HTML_CHARS = 400_000
+MAX_HTML_CHARS = 250_000
 #: Only this much of one text output is parsed into tables / searched for identifiers.
 MAX_TEXT_CHARS = 1_000_000
 MAX_TEXT_TABLE_LINES = 400
@@ -246,16 +246,29 @@ _PERSON_NAME_RE = re.compile(r"^[A-Z][a-z'’-]+(?:,)?(?: [A-Z]\.?)?(?: [A-Z][a-
 def _clean(value: Any) -> str | None:
     if value is None:
         return None
-    text = str(value).strip()
-    if len(text) >= 2 and text[0] == text[-1] == '"':
+    text = value.strip() if isinstance(value, str) else str(value).strip()
+    if not text:
+        return None
+    if text[0] == '"' and text[-1] == '"' and len(text) >= 2:
         text = text[1:-1]
-    return None if text.lower() in _MISSING else text
+    if len(text) <= 5 and text.lower() in _MISSING:
+        return None
+    return text
+
+
+def _clean_cell(text: str) -> str | None:
+    """``_clean`` for text already stripped by the HTML reader (the common, fast case)."""
+    if not text or text[0] == '"' or (len(text) <= 5 and text.lower() in _MISSING):
+        return _clean(text)
+    return text
 
 
 def _as_count(text: str | None) -> int | None:
     """The count a cell shows ("12", "1,204", "12.0", "12 (4.5%)"), or None."""
     if text is None:
         return None
+    if text.isdigit():
+        return int(text)
     if _INT_RE.match(text):
         return int(text.replace(",", ""))
     if _INTF_RE.match(text):
@@ -342,6 +355,7 @@ _FINE_QI = {"geo", "year"}
 # fmt: on
 
 
+@lru_cache(maxsize=4096)
 def column_role(label: str, vocabulary: Vocabulary) -> str | None:
     """The detector's reading of a column label (``None`` for an unremarkable column)."""
     norm = _norm(label)
@@ -445,7 +459,7 @@ def _numeric_kind(col: Column) -> str:
     vals = [v for v in col.values if v is not None]
     if not vals:
         return "empty"
-    if all(_INT_RE.match(v) for v in vals):
+    if all(v.isdigit() or _INT_RE.match(v) for v in vals):
         return "int"
     if all(_DATE_RE.match(v) for v in vals):
         return "date"
@@ -459,7 +473,7 @@ def _is_describe(table: Table) -> bool:
     for col in table.index:
         labels.update(v.lower() for v in col.values if v)
     for col in table.columns:
-        if _norm(col.name) in {"statistic", "describe", "stat", "metric"}:
+        if col.name.strip().lower() in {"statistic", "describe", "stat", "metric"}:
             labels.update(v.lower() for v in col.values if v)
     header = {c.name.strip().lower() for c in table.columns}
     return len(labels & _DESCRIBE_LABELS) >= 3 or len(header & _DESCRIBE_LABELS) >= 4
@@ -484,7 +498,6 @@ def analyze_table(table: Table, settings: DetectorSettings) -> list[Finding]:
     if _is_describe(table) or _is_model(table, col_roles):
         return []
     findings: list[Finding] = []
-    [_numeric_kind(c) for c in table.columns]
     n_rows = table.total_rows
     shown = table.shown_rows
 
@@ -495,7 +508,8 @@ def analyze_table(table: Table, settings: DetectorSettings) -> list[Finding]:
     index_range = all(_looks_range(c.values) for c in table.index) if table.index else True
     index_named = any(c.name for c in table.index) or bool(table.column_axis_name)
     all_int = bool(table.columns) and all(
-        all(_as_count(v) is not None for v in c.values if v is not None) for c in table.columns
+        all(v.isdigit() or _as_count(v) is not None for v in c.values if v is not None)
+        for c in table.columns
     )
     series_counts = (
         table.series_name is not None
@@ -695,72 +709,90 @@ def _min_class(table: Table, cols: list[Column]) -> int | None:
 # --------------------------------------------------------------------------- HTML tables
 
 
-class _TableHTMLParser(HTMLParser):
-    """Collects every <table> of an HTML output as a grid of (is_header, text) cells."""
+_TR_RE = re.compile(r"<tr\b")
+_CELL_RE = re.compile(r"<(t[hd])\b([^>]*)>(.*?)</t[hd]\s*>", re.DOTALL)
+_CAPTION_RE = re.compile(r"<caption\b[^>]*>(.*?)</caption\s*>", re.DOTALL)
+_SPAN_RE = re.compile(r"""(colspan|rowspan)\s*=\s*["']?(\d+)""")
+_INNER_TAG_RE = re.compile(r"<[^>]*>")
+#: Body rows read per HTML table: pandas shows at most 60, and the verdict needs no more.
+MAX_HTML_ROWS = 120
 
-    def __init__(self) -> None:
-        super().__init__(convert_charrefs=True)
-        self.tables: list[dict[str, Any]] = []
-        self._stack: list[dict[str, Any]] = []
-        self._cell: dict[str, Any] | None = None
-        self._section = "body"
-        self.outside: list[str] = []
-        self._in_style = False
+# A cell: (is_header, text, colspan, rowspan, row_heading)
+_Cell = tuple[bool, str, int, int, bool]
 
-    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
-        if tag in ("style", "script"):
-            self._in_style = True
-        elif tag == "table":
-            self._stack.append({"rows": [], "caption": "", "in_caption": False})
-        elif not self._stack:
-            return
-        elif tag == "thead":
-            self._section = "head"
-        elif tag in ("tbody", "tfoot"):
-            self._section = "body"
-        elif tag == "tr":
-            self._stack[-1]["rows"].append({"section": self._section, "cells": []})
-        elif tag in ("td", "th"):
-            a = dict(attrs)
-            self._cell = {
-                "th": tag == "th",
-                "text": [],
-                "colspan": _int_attr(a.get("colspan")),
-                "rowspan": _int_attr(a.get("rowspan")),
-                "cls": a.get("class") or "",
-            }
-            rows = self._stack[-1]["rows"]
-            if not rows:
-                rows.append({"section": self._section, "cells": []})
-            rows[-1]["cells"].append(self._cell)
-        elif tag == "caption":
-            self._stack[-1]["in_caption"] = True
-        elif tag == "br" and self._cell is not None:
-            self._cell["text"].append(" ")
 
-    def handle_endtag(self, tag: str) -> None:
-        if tag in ("style", "script"):
-            self._in_style = False
-        elif tag == "table" and self._stack:
-            self.tables.append(self._stack.pop())
-            self._cell = None
-            self._section = "body"
-        elif tag in ("td", "th"):
-            self._cell = None
-        elif tag == "thead":
-            self._section = "body"
-        elif tag == "caption" and self._stack:
-            self._stack[-1]["in_caption"] = False
+def _cell_text(fragment: str) -> str:
+    if "<" in fragment:
+        fragment = _INNER_TAG_RE.sub(" ", fragment)
+    if "&" in fragment:
+        fragment = _html_unescape(fragment)
+    return " ".join(fragment.split())
 
-    def handle_data(self, data: str) -> None:
-        if self._in_style:
-            return
-        if self._stack and self._stack[-1]["in_caption"]:
-            self._stack[-1]["caption"] += data
-        elif self._cell is not None:
-            self._cell["text"].append(data)
-        elif not self._stack:
-            self.outside.append(data)
+
+def _html_tables(markup: str) -> tuple[list[dict[str, Any]], str]:
+    """The <table>s of an HTML fragment as rows of cells, plus the text around them.
+
+    Tables are cut into rows and cells with a few regular expressions (stdlib ``re`` and
+    ``html.unescape``): a general HTML parser visits every tag in Python and made a scan
+    of a notebook full of pandas tables many times slower than reading it. Rows past
+    ``MAX_HTML_ROWS`` are skipped (the table is then treated as truncated).
+    """
+    low = markup.lower()
+    tables: list[dict[str, Any]] = []
+    outside: list[str] = []
+    pos = 0
+    while True:
+        start = low.find("<table", pos)
+        if start < 0:
+            outside.append(markup[pos : pos + 2000])
+            break
+        outside.append(markup[max(pos, start - 2000) : start])
+        end = low.find("</table", start)
+        cut = end < 0
+        stop = len(markup) if cut else end
+        chunk, lchunk = markup[start:stop], low[start:stop]
+        nested = lchunk.find("<table", 6)
+        if nested > 0:  # a table inside a cell: keep the outer rows before it
+            chunk, lchunk = chunk[:nested], lchunk[:nested]
+        cap = _CAPTION_RE.search(lchunk) if "<caption" in lchunk else None
+        caption = _cell_text(chunk[cap.start(1) : cap.end(1)]) if cap else ""
+        head_end = lchunk.find("</thead")
+        has_thead = head_end >= 0
+        starts = [m.start() for m in _TR_RE.finditer(lchunk)]
+        rows: list[dict[str, Any]] = []
+        body_rows = 0
+        for i, row_start in enumerate(starts):
+            section = "head" if has_thead and row_start < head_end else "body"
+            if section == "body":
+                body_rows += 1
+                if body_rows > MAX_HTML_ROWS:
+                    cut = True
+                    break
+            row_stop = starts[i + 1] if i + 1 < len(starts) else len(chunk)
+            cells: list[_Cell] = []
+            for tag, attrs, content in _CELL_RE.findall(chunk, row_start, row_stop):
+                colspan = rowspan = 1
+                if "span" in attrs:
+                    for name, value in _SPAN_RE.findall(attrs.lower()):
+                        if name == "colspan":
+                            colspan = max(1, min(int(value), 1000))
+                        else:
+                            rowspan = max(1, min(int(value), 1000))
+                if "<" in content or "&" in content:
+                    text = _cell_text(content)
+                else:
+                    text = content.strip()
+                    if "  " in text or "\n" in text:
+                        text = " ".join(text.split())
+                cells.append(
+                    (tag[1] == "h", text, colspan, rowspan, "row_heading" in attrs)
+                )
+            rows.append({"section": section, "cells": cells, "has_thead": has_thead})
+        tables.append({"rows": rows, "caption": caption, "body_rows": body_rows, "cut": cut})
+        if cut and end < 0:
+            break
+        pos = (end if end >= 0 else len(markup)) + 8
+    return tables, " ".join(outside)
 
 
 def _int_attr(value: str | None) -> int:
@@ -778,6 +810,8 @@ _SHAPE_PATTERNS = (
 
 
 def _shape_rows(text: str) -> int | None:
+    if "row" not in text and "shape" not in text and "×" not in text:
+        return None
     for pat in _SHAPE_PATTERNS:
         m = pat.search(text)
         if m:
@@ -788,19 +822,11 @@ def _shape_rows(text: str) -> int | None:
 def tables_from_html(html: str) -> list[Table]:
     """Parse the tables of an HTML output (pandas, Styler, polars, R, kable, generic)."""
     tail = html[-2000:] if len(html) > MAX_HTML_CHARS else ""
-    truncated_input = len(html) > MAX_HTML_CHARS
-    parser = _TableHTMLParser()
-    try:
-        parser.feed(html[:MAX_HTML_CHARS])
-        parser.close()
-    except Exception:
-        return []
-    pending = parser._stack[:]  # a table cut off by the size limit
-    outside = " ".join(parser.outside) + " " + tail
+    raw_tables, outside = _html_tables(html[:MAX_HTML_CHARS])
+    outside += " " + tail
     out: list[Table] = []
-    raw_tables = parser.tables + pending
     for raw in raw_tables:
-        table = _grid_to_table(raw, truncated_input or raw in pending)
+        table = _grid_to_table(raw, len(html) > MAX_HTML_CHARS or raw.get("cut", False))
         if table is None:
             continue
         rows = _shape_rows(raw["caption"]) or (
@@ -809,16 +835,20 @@ def tables_from_html(html: str) -> list[Table]:
         if rows is not None:
             table.n_rows = rows
             table.truncated = table.truncated or rows > table.shown_rows
+        elif raw.get("cut"):
+            table.n_rows = max(table.shown_rows, raw["body_rows"])
         out.append(table)
     return out
 
 
-def _expand(rows: list[dict[str, Any]]) -> list[list[tuple[bool, str, str]]]:
-    """Rows of (is_header, text, class) with colspan / rowspan expanded to a grid."""
-    grid: list[list[tuple[bool, str, str]]] = []
-    carry: dict[int, tuple[int, tuple[bool, str, str]]] = {}
+def _expand(rows: list[dict[str, Any]]) -> list[list[tuple[bool, str, bool]]]:
+    """Rows of (is_header, text, row_heading) with colspan / rowspan expanded to a grid."""
+    if not any(c[2] > 1 or c[3] > 1 for row in rows for c in row["cells"]):
+        return [[(c[0], c[1], c[4]) for c in row["cells"]] for row in rows]
+    grid: list[list[tuple[bool, str, bool]]] = []
+    carry: dict[int, tuple[int, tuple[bool, str, bool]]] = {}
     for row in rows:
-        out: list[tuple[bool, str, str]] = []
+        out: list[tuple[bool, str, bool]] = []
         col = 0
         cells = iter(row["cells"])
         pending = next(cells, None)
@@ -834,10 +864,10 @@ def _expand(rows: list[dict[str, Any]]) -> list[list[tuple[bool, str, str]]]:
                 continue
             if pending is None:
                 break
-            cell = (pending["th"], " ".join("".join(pending["text"]).split()), pending["cls"])
-            for _ in range(pending["colspan"]):
-                if pending["rowspan"] > 1:
-                    carry[col] = (pending["rowspan"] - 1, cell)
+            cell = (pending[0], pending[1], pending[4])
+            for _ in range(pending[2]):
+                if pending[3] > 1:
+                    carry[col] = (pending[3] - 1, cell)
                 out.append(cell)
                 col += 1
             pending = next(cells, None)
@@ -856,8 +886,8 @@ def _grid_to_table(raw: dict[str, Any], truncated: bool) -> Table | None:
     if not grid:
         return None
     # header rows: <thead> rows, else leading all-<th> rows
-    head: list[list[tuple[bool, str, str]]] = []
-    body: list[list[tuple[bool, str, str]]] = []
+    head: list[list[tuple[bool, str, bool]]] = []
+    body: list[list[tuple[bool, str, bool]]] = []
     sections = [r["section"] for r in raw["rows"]]
     has_thead = "head" in sections
     for row, sec in zip(grid, sections, strict=False):
@@ -920,7 +950,7 @@ def _grid_to_table(raw: dict[str, Any], truncated: bool) -> Table | None:
     columns = [
         Column(
             names[j],
-            [_clean(r[n_idx + j][1]) if n_idx + j < len(r) else None for r in body],
+            [_clean_cell(r[n_idx + j][1]) if n_idx + j < len(r) else None for r in body],
             dtype=(dtypes[n_idx + j] if dtypes and n_idx + j < len(dtypes) else None),
         )
         for j in range(len(names))
@@ -941,9 +971,9 @@ def _grid_to_table(raw: dict[str, Any], truncated: bool) -> Table | None:
     )
 
 
-def _takewhile_th(row: list[tuple[bool, str, str]]) -> Iterable[tuple[bool, str, str]]:
+def _takewhile_th(row: list[tuple[bool, str, bool]]) -> Iterable[tuple[bool, str, bool]]:
     for cell in row:
-        if not cell[0] and "row_heading" not in cell[2]:
+        if not cell[0] and not cell[2]:
             return
         yield cell
 
@@ -963,9 +993,19 @@ _SERIES_FOOTER = re.compile(r"^(?:Name: (.*?), )?(?:Length: (\d+), )?dtype: \w+"
 _TYPE_ROW = re.compile(r"^\s*(?:<[\w.]+>\s*)+$")
 
 
+def _may_hold_table(text: str) -> bool:
+    """Cheap test: printed frames have several lines and aligned columns, pipes or boxes."""
+    first = text.find("\n")
+    if first < 0 or first == len(text.rstrip()) or text.count("\n", 0, 20_000) < 1:
+        return False
+    return "  " in text or "|" in text or "│" in text or "\n " in text or text[:1] == " "
+
+
 def tables_from_text(text: str) -> list[Table]:
     """Parse printed frames in plain text (pandas, R data.frame / tibble / table, polars, kable)."""
     text = text[:MAX_TEXT_CHARS]
+    if not _may_hold_table(text):
+        return []
     lines = text.split("\n")[: MAX_TEXT_TABLE_LINES * 4]
     tables: list[Table] = []
     i = 0
@@ -1074,13 +1114,15 @@ def _pipe_text(block: list[str]) -> Table | None:
     return Table(cols, index=index, source="kable")
 
 
+_TOKEN_RE = re.compile(r"\S+")
+
+
 def _segments(lines: list[str]) -> list[tuple[int, int]]:
     width = max(len(s) for s in lines)
     filled = bytearray(width)
     for line in lines:
-        for pos, ch in enumerate(line):
-            if ch != " ":
-                filled[pos] = 1
+        for m in _TOKEN_RE.finditer(line):
+            filled[m.start() : m.end()] = b"\x01" * (m.end() - m.start())
     segs = []
     start = None
     for pos in range(width):
@@ -1462,6 +1504,7 @@ def _table_from_polars(obj: Any) -> Table | None:
 # --------------------------------------------------------------------------- identifiers in text
 
 _SSN_RE = re.compile(r"(?<![\d-])(?!000|666|9\d\d)\d{3}-(?!00)\d{2}-(?!0000)\d{4}(?![\d-])")
+_SSN_QUICK_RE = re.compile(r"\d\d\d-\d\d-\d\d\d\d")
 _EMAIL_RE = re.compile(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}")
 _MRN_RE = re.compile(
     r"\b(?:MRN|medical record (?:number|no\.?|#))\s*[:#=]?\s*[A-Z]{0,4}[-]?\d{4,}", re.IGNORECASE
@@ -1580,17 +1623,14 @@ def detect_bundle(
         if html and "<t" in html.lower():
             tables.extend(tables_from_html(html))
         if tables:
-            text_for_ids = " \n".join(
-                " | ".join(v for c in t.index + t.columns for v in (c.name,)) for t in tables
-            )
-            text_for_ids += "\n" + _cells_text(tables)
+            text_for_ids = _html_text(html) if _html_may_identify(html) else ""
         else:
             plain = _text_of(bundle.get("text/plain")) or _text_of(bundle.get("text/markdown"))
             if plain:
                 tables.extend(tables_from_text(plain))
                 text_for_ids = plain
             elif html:
-                text_for_ids = re.sub(r"<[^>]{0,2000}>", " ", html[:MAX_TEXT_CHARS])
+                text_for_ids = _html_text(html)
     elif not text_for_ids:
         text_for_ids = _cells_text(tables)
     for t in tables:
@@ -1598,6 +1638,30 @@ def detect_bundle(
     if text_for_ids:
         findings.extend(detect_text(text_for_ids))
     return _merge(findings, location)
+
+
+_ROW_END_RE = re.compile(r"</tr\s*>|<br\s*/?>|</p\s*>|</div\s*>|</li\s*>", re.IGNORECASE)
+
+
+def _html_may_identify(markup: str) -> bool:
+    """Cheap test before the identifier patterns run on an HTML output's text."""
+    low = markup[:MAX_HTML_CHARS].lower()
+    return (
+        "@" in low
+        or "mrn" in low
+        or "medical record" in low
+        or "dob" in low
+        or "birth" in low
+        or "born" in low
+        or (_SSN_QUICK_RE.search(markup, 0, MAX_HTML_CHARS) is not None)
+    )
+
+
+def _html_text(markup: str) -> str:
+    """The text of an HTML output, one table row per line (for the identifier patterns)."""
+    text = " ".join(markup[:MAX_HTML_CHARS].split())
+    text = _INNER_TAG_RE.sub(" ", _ROW_END_RE.sub("\n", text))
+    return _html_unescape(text) if "&" in text else text
 
 
 def _cells_text(tables: list[Table]) -> str:

@@ -18,8 +18,6 @@ from typing import Any, ClassVar
 
 import nbformat
 from jupyter_core.application import JupyterApp
-from nbformat import NBFormatError
-from nbformat.reader import NotJSONError
 from traitlets import Bool
 from traitlets.log import get_logger
 
@@ -42,7 +40,6 @@ class NotebookResult:
     path: str
     findings: list[Finding] = field(default_factory=list)
     error: str | None = None
-    content_hash: str | None = None
 
     @property
     def status(self) -> str:
@@ -78,8 +75,14 @@ def iter_notebooks(paths: Iterable[str | os.PathLike[str]]) -> Iterator[tuple[Pa
             yield path, "no such file or folder; check the path"
 
 
-def read_notebook(path: Path) -> tuple[nbformat.NotebookNode, bytes]:
-    """Read and check a notebook as nbformat does; raise NotebookError with a one-line reason."""
+def read_notebook(path: Path) -> tuple[dict[str, Any], bytes]:
+    """Read and check a notebook; raise NotebookError with a one-line reason.
+
+    nbformat 4 notebooks are parsed as plain JSON and checked for what the scan needs (cells,
+    outputs, output types); older formats go through nbformat's reader and converter. Full
+    JSON-schema validation is skipped on purpose: it costs more than the scan itself, and a
+    notebook with, say, a stray metadata key still has outputs that must be checked.
+    """
     try:
         raw = path.read_bytes()
     except OSError as exc:
@@ -94,33 +97,43 @@ def read_notebook(path: Path) -> tuple[nbformat.NotebookNode, bytes]:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
         raise NotebookError("not UTF-8 text, not a notebook (.ipynb is JSON text)") from None
-    captured: dict[str, Any] = {}
+    try:
+        data = json.loads(text)
+    except ValueError as exc:
+        raise NotebookError(
+            f"invalid JSON ({exc}); repair or re-save the notebook in JupyterLab"
+        ) from None
+    if not isinstance(data, dict):
+        raise NotebookError("not a notebook (the JSON is not an object with 'cells')")
+    major = data.get("nbformat")
+    if major == 4:
+        nb = data
+    elif major in (1, 2, 3):
+        nb = _convert_old(text)
+    else:
+        shown = "missing" if major is None else repr(major)
+        raise NotebookError(
+            f"unsupported notebook format (nbformat version {shown}); open and re-save it in "
+            "JupyterLab (nbformat 4) before scanning"
+        )
+    _check_structure(nb)
+    return nb, raw
+
+
+def _convert_old(text: str) -> Any:
+    """nbformat 1-3 notebooks, converted to version 4 by nbformat itself."""
     log = get_logger()
     level = log.level
     log.setLevel(logging.CRITICAL)  # nbformat logs schema problems; we report our own line
     try:
-        nb = nbformat.reads(text, as_version=4, capture_validation_error=captured)
-    except NotJSONError:
-        try:
-            json.loads(text)
-            detail = "not a JSON notebook"
-        except ValueError as exc:
-            detail = f"invalid JSON ({exc})"
-        raise NotebookError(f"{detail}; repair or re-save the notebook in JupyterLab") from None
-    except (NBFormatError, nbformat.ValidationError) as exc:
-        raise NotebookError(
-            f"unsupported notebook format ({str(exc).splitlines()[0]}); open and re-save it in "
-            "JupyterLab (nbformat 4) before scanning"
-        ) from None
+        return nbformat.reads(text, as_version=4)
     except Exception as exc:
         first = (str(exc).splitlines() or [""])[0][:120]
         raise NotebookError(
-            f"not a readable notebook ({exc.__class__.__name__}: {first}); repair or re-save it"
+            f"old notebook format could not be converted ({first}); re-save it in JupyterLab"
         ) from None
     finally:
         log.setLevel(level)
-    _check_structure(nb)
-    return nb, raw
 
 
 def _check_structure(nb: Any) -> None:
@@ -170,11 +183,11 @@ def content_hash(raw: bytes) -> str:
 def scan_path(path: Path, settings: DetectorSettings | None = None) -> NotebookResult:
     """Read and scan one notebook; errors become ``NotebookResult.error``."""
     try:
-        nb, raw = read_notebook(path)
+        nb, _raw = read_notebook(path)
     except NotebookError as exc:
         return NotebookResult(str(path), error=str(exc))
     findings = scan_notebook_node(nb, settings=settings, notebook=str(path))
-    return NotebookResult(str(path), findings, content_hash=content_hash(raw))
+    return NotebookResult(str(path), findings)
 
 
 def scan_paths(
