@@ -1408,6 +1408,8 @@ def _table_from_pandas(obj: Any) -> Table | None:
     import pandas as pd
 
     series_name = None
+    if type(obj).__name__ == "Styler" and isinstance(getattr(obj, "data", None), pd.DataFrame):
+        obj = obj.data  # df.style: judge the frame behind the styling
     if isinstance(obj, pd.Series):
         series_name = "" if obj.name is None else str(obj.name)
         obj = obj.to_frame(name=series_name)
@@ -1504,7 +1506,7 @@ def _table_from_polars(obj: Any) -> Table | None:
 # --------------------------------------------------------------------------- identifiers in text
 
 _SSN_RE = re.compile(r"(?<![\d-])(?!000|666|9\d\d)\d{3}-(?!00)\d{2}-(?!0000)\d{4}(?![\d-])")
-_SSN_QUICK_RE = re.compile(r"\d\d\d-\d\d-\d\d\d\d")
+_SSN_QUICK_RE = re.compile(r"-\d\d-\d\d\d\d")  # starts with a literal: fast to search
 _EMAIL_RE = re.compile(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}")
 _MRN_RE = re.compile(
     r"\b(?:MRN|medical record (?:number|no\.?|#))\s*[:#=]?\s*[A-Z]{0,4}[-]?\d{4,}", re.IGNORECASE
@@ -1533,7 +1535,7 @@ def detect_text(text: str) -> list[Finding]:
     """Direct identifiers in free text: SSN-, MRN-, e-mail-like values, names next to DOB."""
     text = text[:MAX_TEXT_CHARS]
     reasons = []
-    if "-" in text:
+    if "-" in text and _SSN_QUICK_RE.search(text):
         n = len(_SSN_RE.findall(text))
         if n:
             reasons.append(f"{n} SSN-like value{'s' if n > 1 else ''}")
@@ -1592,8 +1594,11 @@ def _merge(findings: list[Finding], location: Mapping[str, Any] | None) -> list[
 
 
 def _text_of(value: Any) -> str:
-    if isinstance(value, list):
-        return "".join(str(v) for v in value)
+    if isinstance(value, list):  # nbformat stores multi-line strings as lists of lines
+        try:
+            return "".join(value)
+        except TypeError:
+            return "".join(str(v) for v in value)
     return value if isinstance(value, str) else ""
 
 
