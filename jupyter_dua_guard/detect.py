@@ -300,6 +300,10 @@ _COUNT_LABELS = {
     "survivors", "tumors", "number of tumors", "all", "grand total", "row total",
 }
 _COUNT_TOKENS = {"count", "counts", "freq", "frequency", "tally", "nobs"}
+_COUNT_LAST_TOKENS = {
+    "cases", "deaths", "patients", "persons", "people", "subjects", "events", "tumors",
+    "tumours", "diagnoses", "admissions", "survivors", "n",
+}  # fmt: skip
 _MODEL_LABELS = {
     "coef", "coefficient", "coefficients", "estimate", "estimates", "std err", "std error",
     "stderr", "standard error", "se coef", "t", "z", "t value", "z value", "p", "p value",
@@ -363,8 +367,16 @@ def column_role(label: str, vocabulary: Vocabulary) -> str | None:
         return None
     raw = str(label).strip().lower()
     tokens = set(norm.split())
-    is_count = norm in _COUNT_LABELS or tokens & _COUNT_TOKENS or re.fullmatch(r"n [a-z]+", norm)
-    if is_count and not tokens & {"mean", "median", "avg", "average", "rate", "pct", "percent"}:
+    last = norm.rsplit(" ", 1)[-1]
+    is_count = (
+        norm in _COUNT_LABELS
+        or tokens & _COUNT_TOKENS
+        or re.fullmatch(r"n [a-z]+", norm)
+        or last in _COUNT_LAST_TOKENS
+    )
+    if is_count and not tokens & {
+        "mean", "median", "avg", "average", "rate", "pct", "percent", "per", "ratio", "rank",
+    }:  # fmt: skip
         return "count"
     if norm in _MODEL_LABELS or raw in {
         "p>|t|",
@@ -484,6 +496,13 @@ def _is_model(table: Table, roles: list[str | None]) -> bool:
     if n_model >= 2:
         return True
     labels = {v.lower() for col in table.index for v in col.values if v}
+    if (
+        len(table.index) == 1
+        and len(table.columns) >= 2
+        and [v for v in table.index[0].values] == [c.name for c in table.columns]
+        and all(_numeric_kind(c) == "float" for c in table.columns)
+    ):
+        return True  # a correlation / covariance matrix: variables against variables
     labels |= {v.lower() for col in table.columns[:1] for v in col.values if v}
     return n_model >= 1 and bool(labels & _MODEL_ROW_LABELS)
 
@@ -587,9 +606,13 @@ def analyze_table(table: Table, settings: DetectorSettings) -> list[Finding]:
     )
     ids: list[Column] = []
     for col, role in all_cols:
-        if role == "identifier" and (
-            (col.n_unique is not None and col.n_unique >= 0.9 * max(1, n_rows))
-            or (col.n_unique is None and _distinct_ratio(col) >= 0.9)
+        if (
+            role == "identifier"
+            and _numeric_kind(col) != "float"
+            and (
+                (col.n_unique is not None and col.n_unique >= 0.9 * max(1, n_rows))
+                or (col.n_unique is None and _distinct_ratio(col) >= 0.9)
+            )
         ):
             ids.append(col)
     if not ids and not aggregate:
@@ -659,7 +682,7 @@ def analyze_table(table: Table, settings: DetectorSettings) -> list[Finding]:
                     f"identical rows has {kmin} person{'s' if kmin != 1 else ''} "
                     f"(k-anonymity below {settings.k_threshold})"
                 )
-            elif kmin is None and (len(qis) >= 3 or {g for _, g in qis} & _FINE_QI):
+            elif kmin is None and (len(qis) >= 3 or _fine_qis(qis)):
                 conf = max(conf, 0.7)
                 reasons.append(
                     f"each row combines quasi-identifiers ({', '.join(groups)}) of one person"
@@ -672,6 +695,17 @@ def analyze_table(table: Table, settings: DetectorSettings) -> list[Finding]:
     if conf >= 0.5 and reasons:
         findings.append(Finding(INDIVIDUAL_LEVEL, conf, reasons))
     return findings
+
+
+def _fine_qis(qis: list[tuple[Column, str]]) -> bool:
+    """Quasi-identifiers fine enough that a few of them single out a person: geography,
+    years, or age in single years (not age groups)."""
+    for col, group in qis:
+        if group in _FINE_QI:
+            return True
+        if group == "age" and _numeric_kind(col) in ("int", "float"):
+            return True
+    return False
 
 
 def _direct_values(col: Column) -> bool:
@@ -784,9 +818,7 @@ def _html_tables(markup: str) -> tuple[list[dict[str, Any]], str]:
                     text = content.strip()
                     if "  " in text or "\n" in text:
                         text = " ".join(text.split())
-                cells.append(
-                    (tag[1] == "h", text, colspan, rowspan, "row_heading" in attrs)
-                )
+                cells.append((tag[1] == "h", text, colspan, rowspan, "row_heading" in attrs))
             rows.append({"section": section, "cells": cells, "has_thead": has_thead})
         tables.append({"rows": rows, "caption": caption, "body_rows": body_rows, "cut": cut})
         if cut and end < 0:
@@ -1180,7 +1212,16 @@ def _aligned_text(block: list[str]) -> list[Table]:
     ):  # R's table(): column variable alone on the first line, row variable below
         r_axis = lines[0].strip()
         lines = lines[1:]
-    head, body = lines[:1], lines[1:]
+    n_head = 1  # pandas prints one header line per column level, indented past the index
+    first_col = len(lines[0]) - len(lines[0].lstrip())
+    while (
+        n_head < len(lines) - 1
+        and first_col > 0
+        and lines[n_head][:1] == " "
+        and len(lines[n_head]) - len(lines[n_head].lstrip()) >= first_col
+    ):
+        n_head += 1
+    head, body = lines[:n_head], lines[n_head:]
     # pandas index-name row right under the header: nothing in the last data column
     idx_name_rows = []
     if len(body) >= 2:

@@ -524,6 +524,40 @@ def build_corpus() -> list[Case]:
         set(),
         obj=long_noid["Sex"].value_counts(),
     )
+
+    # ---------------- more renderings and look-alikes
+    cols = pd.MultiIndex.from_product([["2019", "2020"], ["Male", "Female"]])
+    wide_ct = pd.DataFrame(
+        [[4, 40, 29, 19], [22, 24, 19, 33], [28, 25, 17, 24]],
+        index=pd.Index(["Breast", "Lung", "Colon"], name="Site"),
+        columns=cols,
+    )
+    add("two-level column crosstab text small", _pandas_text(wide_ct), {SMALL})
+    add("two-level column crosstab html large", _pandas_html(wide_ct + 100), set())
+    daily = pd.DataFrame(
+        {
+            "date": pd.date_range("2020-01-01", periods=30).strftime("%Y-%m-%d"),
+            "new_cases": r.integers(0, 30, 30),
+        }
+    )
+    add("daily new cases small", _pandas_html(daily), {SMALL})
+    add("daily new cases large", _pandas_html(daily.assign(new_cases=daily.new_cases + 200)), set())
+    add(
+        "exact age and sex 1200 rows truncated",
+        _pandas_text(long_noid[["Age at diagnosis", "Sex"]]),
+        {IND},
+    )
+    add(
+        "value_counts normalized",
+        _pandas_text(long_noid["Sex"].value_counts(normalize=True)),
+        set(),
+    )
+    add("correlation matrix text", _pandas_text(corr), set())
+    add(
+        "polars group_by text small",
+        {"text/plain": repr(_pl(grp).group_by(["County", "Sex"]).len().sort("County"))},
+        {SMALL},
+    )
     return cases
 
 
