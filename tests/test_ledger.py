@@ -54,9 +54,7 @@ def test_records_validate_against_documented_schema(tmp_path):
     schema = json.loads(events.SCHEMA_PATH.read_text())
     jsonschema.Draft202012Validator.check_schema(schema)
     with open_ledger(f"sqlite:///{tmp_path}/l.sqlite") as ledger:
-        ledger.append(
-            "kernel_started", {"kernel_id": "k", "kernel_name": "python3", "notebook": None}
-        )
+        ledger.append("kernel_started", {"kernel_id": "k", "kernel_name": "python3", "notebook": None})
         ledger.append("model_artifact_written", {"path": "/m.pt", "size": 3, "library": "torch"})
         for rec in ledger.records():
             jsonschema.validate(rec, schema)

@@ -32,9 +32,7 @@ def test_fifty_concurrent_writers_lose_nothing(tmp_path):
     procs = [
         subprocess.Popen(
             [sys.executable, "-c", WRITER, url, "200", f"w{w}"],
-            stdin=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
+            stdin=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )  # fmt: skip
         for w in range(50)
     ]
