@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import os
 import threading
 from typing import Any
 
 from jupyter_server.extension.application import ExtensionApp
-from traitlets import Instance
 
 from ._version import __version__
-from .config import DUAGuard
+from .config import DUAGuard, SettingsError
 from .events import KERNEL_STARTED, SCHEMA_ID, SCHEMA_PATH
 from .handlers import EventsHandler, StatusHandler
 from .ledger import Ledger, LedgerError, open_ledger
@@ -26,13 +26,18 @@ class DUAGuardExtension(ExtensionApp):
     version = __version__
     load_other_extensions = True
 
-    guard = Instance(DUAGuard, help="The active DUA guard settings.")
+    guard: DUAGuard
 
     _ledger: Ledger | None = None
     _ledger_lock = threading.Lock()
 
     def initialize_settings(self) -> None:
-        self.guard = DUAGuard(parent=self)
+        try:
+            self.guard = DUAGuard.load(self)
+        except SettingsError as error:
+            # Fail closed: a server whose guard settings cannot be read must not start unguarded.
+            self.log.critical(str(error))
+            raise SystemExit(str(error)) from None
         state = "active" if self.guard.enabled else "OFF (DUAGuard.enabled=False)"
         self.log.info("jupyter-dua-guard %s: guard %s", __version__, state)
         try:
@@ -100,12 +105,23 @@ class DUAGuardExtension(ExtensionApp):
         start_kernel._dua_guard_wrapped = True  # type: ignore[attr-defined]
         km.start_kernel = start_kernel
 
+    @staticmethod
+    def _notebook_path(km: Any, kwargs: dict) -> str | None:
+        """The notebook's API path: sessions pass its directory as ``path`` and the notebook
+        itself as ``JPY_SESSION_NAME`` (an OS path under the server root)."""
+        env = kwargs.get("env") or {}
+        name = env.get("JPY_SESSION_NAME") or kwargs.get("path") or None
+        if name and os.path.isabs(name):
+            root = os.path.abspath(getattr(km, "root_dir", "") or os.getcwd())
+            rel = os.path.relpath(name, root)
+            if not rel.startswith(".."):
+                name = rel.replace(os.sep, "/")
+        return name
+
     async def _record_kernel_started(self, km: Any, kernel_id: str, kwargs: dict) -> None:
         if not self.guard.enabled:
             return
-        env = kwargs.get("env") or {}
-        # Sessions pass the notebook's directory as path and the notebook as JPY_SESSION_NAME.
-        notebook = env.get("JPY_SESSION_NAME") or kwargs.get("path") or None
+        notebook = self._notebook_path(km, kwargs)
         try:
             kernel_name = km.get_kernel(kernel_id).kernel_name
         except Exception:

@@ -1,13 +1,12 @@
 """``jupyter dua-guard``: the command line of the guard, in Jupyter's subcommand style."""
 
 import sys
-from typing import ClassVar
 
 from jupyter_core.application import JupyterApp
 
 from ._version import __version__
 from .cli_ledger import SUBCOMMANDS as LEDGER_SUBCOMMANDS
-from .config import DUAGuard
+from .config import DUAGuard, SettingsError
 
 
 class DUAGuardApp(JupyterApp):
@@ -22,8 +21,8 @@ class DUAGuardApp(JupyterApp):
         "Settings come from the same jupyter_server_config.py/json files as the server "
         "(c.DUAGuard.*) and from --DUAGuard.<setting>=... on the command line."
     )
-    classes: ClassVar[list] = [DUAGuard]
-    subcommands: ClassVar[dict] = {
+    classes = [DUAGuard]
+    subcommands: dict = {
         **LEDGER_SUBCOMMANDS,
         "scan": (
             "jupyter_dua_guard.scan.ScanApp",
@@ -34,9 +33,22 @@ class DUAGuardApp(JupyterApp):
             "Sign the human review of a notebook's outputs (DUA sec. 22) in the ledger.",
         ),
     }
+    guard: DUAGuard
 
     # Read the server's configuration files so that the command line sees the same settings.
     config_file_name = "jupyter_server_config"
+
+    def initialize(self, argv: list[str] | None = None) -> None:
+        super().initialize(argv)
+        try:
+            self.guard = DUAGuard.load(self)
+        except SettingsError as error:
+            self.exit_with_error(str(error))
+
+    def exit_with_error(self, message: str, code: int = 2) -> None:
+        """Stop with one line on stderr: the problem and its fix, never a traceback."""
+        print(message, file=sys.stderr)
+        self.exit(code)
 
     def start(self) -> None:
         if self.subapp is not None:

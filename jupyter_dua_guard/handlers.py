@@ -78,9 +78,7 @@ class EventsHandler(ExtensionHandlerMixin, APIHandler):
 
         def query() -> tuple[list, int]:
             rows = list(
-                ledger.records(
-                    **filters, offset=offset, limit=limit, descending=order == "desc"
-                )
+                ledger.records(**filters, offset=offset, limit=limit, descending=order == "desc")
             )
             return rows, ledger.count(**filters)
 

@@ -14,7 +14,7 @@ from jupyter_core.application import JupyterApp
 from traitlets import Unicode
 
 from ._version import __version__
-from .config import DUAGuard
+from .config import DUAGuard, SettingsError
 from .detect import DetectorSettings, Finding, VocabularyError, summarize
 from .scan import NotebookError, content_hash, read_notebook, scan_notebook_node
 
@@ -104,7 +104,10 @@ class ReviewApp(JupyterApp):
         path = Path(self.extra_args[0])
         if not path.is_file():
             self.fail(f"{path}: no such notebook; check the path")
-        guard = DUAGuard(parent=self)
+        try:
+            guard = DUAGuard.load(self)
+        except SettingsError as exc:
+            self.fail(str(exc))
         try:
             data = review_data(
                 path,

@@ -22,7 +22,7 @@ from traitlets import Bool
 from traitlets.log import get_logger
 
 from ._version import __version__
-from .config import DUAGuard
+from .config import DUAGuard, SettingsError
 from .detect import DetectorSettings, Finding, VocabularyError, detect_output, summarize
 
 EXIT_CLEAN, EXIT_FLAGGED, EXIT_UNREADABLE = 0, 1, 2
@@ -256,8 +256,8 @@ class ScanApp(JupyterApp):
             print("jupyter dua-guard scan: give one or more notebooks or folders", file=sys.stderr)
             self.exit(EXIT_UNREADABLE)
         try:
-            settings = DetectorSettings.from_guard(DUAGuard(parent=self))
-        except VocabularyError as exc:
+            settings = DetectorSettings.from_guard(DUAGuard.load(self))
+        except (VocabularyError, SettingsError) as exc:
             print(f"jupyter dua-guard scan: {exc}", file=sys.stderr)
             self.exit(EXIT_UNREADABLE)
         results = scan_paths(self.extra_args, settings)

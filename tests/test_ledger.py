@@ -54,7 +54,9 @@ def test_records_validate_against_documented_schema(tmp_path):
     schema = json.loads(events.SCHEMA_PATH.read_text())
     jsonschema.Draft202012Validator.check_schema(schema)
     with open_ledger(f"sqlite:///{tmp_path}/l.sqlite") as ledger:
-        ledger.append("kernel_started", {"kernel_id": "k", "kernel_name": "python3", "notebook": None})
+        ledger.append(
+            "kernel_started", {"kernel_id": "k", "kernel_name": "python3", "notebook": None}
+        )
         ledger.append("model_artifact_written", {"path": "/m.pt", "size": 3, "library": "torch"})
         for rec in ledger.records():
             jsonschema.validate(rec, schema)
@@ -68,17 +70,27 @@ def test_filters_since_until_kind_notebook_and_paging(tmp_path):
     with open_ledger(f"sqlite:///{tmp_path}/l.sqlite") as ledger:
         for day in (1, 2, 3):
             for kind in ("ai_ml_import", "egress_blocked"):
-                data = {"name": "x", "version": "1"} if kind == "ai_ml_import" else {
-                    "host": "h.test", "port": 443, "rule": "r"}  # fmt: skip
-                ledger.append(kind, data, {"time": f"2026-03-0{day}T12:00:00Z",
-                                           "notebook": f"nb/{day}.ipynb"})  # fmt: skip
+                data = (
+                    {"name": "x", "version": "1"}
+                    if kind == "ai_ml_import"
+                    else {"host": "h.test", "port": 443, "rule": "r"}
+                )
+                ledger.append(
+                    kind, data, {"time": f"2026-03-0{day}T12:00:00Z", "notebook": f"nb/{day}.ipynb"}
+                )
         assert ledger.count() == 6
         assert [r["seq"] for r in ledger.records(since="2026-03-02")] == [3, 4, 5, 6]
         assert [r["seq"] for r in ledger.records(until="2026-03-02")] == [1, 2, 3, 4]
         assert [r["seq"] for r in ledger.records(until="2026-03-02T11:00:00Z")] == [1, 2]
         assert [r["seq"] for r in ledger.records(kinds=["egress_blocked"])] == [2, 4, 6]
         assert [r["seq"] for r in ledger.records(kinds=["egress_blocked,ai_ml_import"])] == [
-            1, 2, 3, 4, 5, 6]  # fmt: skip
+            1,
+            2,
+            3,
+            4,
+            5,
+            6,
+        ]
         assert [r["seq"] for r in ledger.records(notebook="nb/3.ipynb")] == [5, 6]
         assert [r["seq"] for r in ledger.records(notebook="nb/[12].ipynb")] == [1, 2, 3, 4]
         assert [r["seq"] for r in ledger.records(offset=2, limit=3)] == [3, 4, 5]
@@ -219,9 +231,14 @@ def test_insert_a_forged_row_is_named(tampered):
     path, conn, records = tampered
     _shift_from(conn, 6)
     body = canonical_json(
-        {"seq": 6, "time": records[5]["time"], "kind": "review_signed",
-         "context": records[5]["context"], "data": {"reviewer": "mallory"}}
-    )  # fmt: skip
+        {
+            "seq": 6,
+            "time": records[5]["time"],
+            "kind": "review_signed",
+            "context": records[5]["context"],
+            "data": {"reviewer": "mallory"},
+        }
+    )
     prev = records[4]["hash"]
     conn.execute(
         "INSERT INTO ledger_records (seq, prev, hash, body) VALUES (6, ?, ?, ?)",

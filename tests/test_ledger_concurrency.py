@@ -32,8 +32,10 @@ def test_fifty_concurrent_writers_lose_nothing(tmp_path):
     procs = [
         subprocess.Popen(
             [sys.executable, "-c", WRITER, url, "200", f"w{w}"],
-            stdin=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        )  # fmt: skip
+            stdin=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         for w in range(50)
     ]
     time.sleep(1.0)
