@@ -129,3 +129,15 @@ async def test_flagged_dataframe_carries_findings_and_is_recorded(
     db.close()
     for pid in ("P900000", "P900001", "P900059"):
         assert pid not in dump
+
+
+def test_kernel_thresholds_come_from_policy_file(tmp_path, monkeypatch):
+    from jupyter_dua_guard.display import _settings_from_policy
+
+    policy = tmp_path / "policy.json"
+    policy.write_text(json.dumps({"detector": {"min_cell_count": 11, "allow_zero_cells": False}}))
+    monkeypatch.setenv("JUPYTER_DUA_GUARD_POLICY", str(policy))
+    settings = _settings_from_policy()
+    assert settings.min_cell_count == 11 and settings.allow_zero_cells is False
+    policy.write_text("{broken")
+    assert _settings_from_policy().min_cell_count == 16
