@@ -284,11 +284,10 @@ def _as_count(text: str | None) -> int | None:
 # fmt: off
 _AGG_TOKENS = {
     "mean", "median", "avg", "average", "std", "sd", "stdev", "se", "sem", "var", "variance",
-    "sum", "rate", "rates", "ratio", "pct", "percent", "percentage", "proportion", "prop",
-    "share", "ci", "lcl", "ucl", "iqr", "q1", "q3", "min", "max", "minimum", "maximum",
-    "incidence", "prevalence", "crude", "adjusted", "cumulative", "aapc", "apc", "mortality",
-    "risk", "probability", "prob", "density", "quantile", "percentile", "mode", "range",
-    "lower", "upper",
+    "sum", "rate", "rates", "pct", "percent", "percentage", "proportion", "prop", "share",
+    "ci", "lcl", "ucl", "iqr", "q1", "q3", "incidence", "prevalence", "crude", "adjusted",
+    "cumulative", "aapc", "apc", "mortality", "quantile", "percentile", "lower", "upper",
+    "population", "denominator", "expected",
 }
 _COUNT_LABELS = {
     "n", "count", "counts", "freq", "frequency", "frequencies", "cases", "case count",
@@ -722,7 +721,11 @@ def _direct_values(col: Column) -> bool:
         return any(sum(ch.isdigit() for ch in v) >= 9 for v in vals)
     if "address" in norm or "street" in norm:
         return any(re.search(r"\d+\s+\w+", v) for v in vals)
-    return sum(bool(re.search(r"[A-Za-z]{2,}", v)) for v in vals) >= max(1, len(vals) // 2)
+    if norm in ("name", "patient", "person", "decedent", "full name", "patient name"):
+        return sum(bool(_PERSON_NAME_RE.match(v)) for v in vals) >= max(1, len(vals) // 2)
+    return sum(bool(re.fullmatch(r"[A-Z][a-z'’-]+(?: [A-Z][a-z'’-]+)*", v)) for v in vals) >= max(
+        1, len(vals) // 2
+    )
 
 
 def _min_class(table: Table, cols: list[Column]) -> int | None:
