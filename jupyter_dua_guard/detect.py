@@ -52,8 +52,12 @@ MAX_HTML_CHARS = 250_000
 #: Only this much of one text output is parsed into tables / searched for identifiers.
 MAX_TEXT_CHARS = 1_000_000
 MAX_TEXT_TABLE_LINES = 400
-#: Rows sampled from an in-kernel frame for value checks (exact counts use the whole frame).
+#: Rows sampled from an in-kernel frame for value checks.
 OBJECT_SAMPLE_ROWS = 2_000
+#: Rows of an in-kernel frame used for distinct counts and class sizes: beyond this the first
+#: rows stand for the frame (class sizes then err on the side of flagging), so displaying a
+#: 10-million-row frame stays quick.
+OBJECT_EXACT_ROWS = 200_000
 
 DEFAULT_VOCABULARY = Path(__file__).parent / "data" / "seer_vocabulary.txt"
 
@@ -199,6 +203,17 @@ class Column:
     values: list[str | None]
     n_unique: int | None = None  # exact, when the whole object was available
     dtype: str | None = None
+    #: computes n_unique on demand (in-kernel objects: only for columns that need it)
+    unique_fn: Callable[[], int | None] | None = field(default=None, repr=False)
+
+    def exact_unique(self) -> int | None:
+        if self.n_unique is None and self.unique_fn is not None:
+            try:
+                self.n_unique = self.unique_fn()
+            except Exception:
+                self.n_unique = None
+            self.unique_fn = None
+        return self.n_unique
 
 
 @dataclass
@@ -214,6 +229,8 @@ class Table:
     column_axis_name: str | None = None
     #: exact smallest equivalence class over the given column names (in-kernel only)
     min_class: Callable[[list[str]], int] | None = None
+    #: rows behind exact distinct counts (in-kernel: the frame, up to OBJECT_EXACT_ROWS)
+    exact_rows: int | None = None
 
     @property
     def shown_rows(self) -> int:
@@ -609,8 +626,11 @@ def analyze_table(table: Table, settings: DetectorSettings) -> list[Finding]:
             role == "identifier"
             and _numeric_kind(col) != "float"
             and (
-                (col.n_unique is not None and col.n_unique >= 0.9 * max(1, n_rows))
-                or (col.n_unique is None and _distinct_ratio(col) >= 0.9)
+                (
+                    (nu := col.exact_unique()) is not None
+                    and nu >= 0.9 * max(1, table.exact_rows or n_rows)
+                )
+                or (nu is None and _distinct_ratio(col) >= 0.9)
             )
         ):
             ids.append(col)
@@ -711,7 +731,7 @@ def _direct_values(col: Column) -> bool:
     """Whether a 'name'/'email'/... column really holds such values (not codes or blanks)."""
     vals = [v for v in col.values if v is not None]
     if not vals:
-        return col.n_unique is not None
+        return col.exact_unique() is not None
     norm = _norm(col.name)
     if "mail" in norm:
         return any("@" in v for v in vals)
@@ -1459,22 +1479,19 @@ def _table_from_pandas(obj: Any) -> Table | None:
         obj = obj.to_frame(name=series_name)
     if not isinstance(obj, pd.DataFrame):
         return None
-    df = obj
+    n_rows = len(obj)
+    df = obj.head(OBJECT_EXACT_ROWS) if n_rows > OBJECT_EXACT_ROWS else obj
     sample = df.head(OBJECT_SAMPLE_ROWS)
     cols = []
     for j, name in enumerate(df.columns):
         label = " / ".join(str(x) for x in name) if isinstance(name, tuple) else str(name)
         ser = df.iloc[:, j]
-        try:
-            nunique = int(ser.nunique(dropna=True))
-        except TypeError:
-            nunique = None
         cols.append(
             Column(
                 label,
                 [_clean(_fmt(v)) for v in sample.iloc[:, j].tolist()],
-                n_unique=nunique,
                 dtype=str(ser.dtype),
+                unique_fn=lambda ser=ser: int(ser.nunique(dropna=True)),
             )
         )
     index = []
@@ -1485,27 +1502,26 @@ def _table_from_pandas(obj: Any) -> Table | None:
                 Column(
                     "" if df.index.names[lvl] is None else str(df.index.names[lvl]),
                     [_clean(_fmt(v)) for v in values[:OBJECT_SAMPLE_ROWS].tolist()],
-                    n_unique=int(values.nunique()),
+                    unique_fn=lambda values=values: int(values.nunique()),
                 )
             )
     label_of = {c.name: df.columns[j] for j, c in enumerate(cols)}
     index_of = {c.name: i for i, c in enumerate(index) if c.name}
 
     def min_class(names: list[str]) -> int:
-        keys = []
-        for n in names:
-            if n in label_of:
-                keys.append(df[label_of[n]].astype(str).to_numpy())
-            else:
-                keys.append(df.index.get_level_values(index_of[n]).astype(str).to_numpy())
-        counts = pd.DataFrame(dict(enumerate(keys))).value_counts()
-        return int(counts.min())
+        keys = [
+            df[label_of[n]] if n in label_of else df.index.get_level_values(index_of[n])
+            for n in names
+        ]
+        frame = pd.DataFrame({i: pd.Series(k).reset_index(drop=True) for i, k in enumerate(keys)})
+        return int(frame.groupby(list(frame.columns), dropna=False, observed=True).size().min())
 
     axis_name = df.columns.name
     return Table(
         cols,
         index=index,
-        n_rows=len(df),
+        n_rows=n_rows,
+        exact_rows=len(df),
         truncated=False,
         source="pandas",
         series_name=series_name,
@@ -1523,13 +1539,14 @@ def _table_from_polars(obj: Any) -> Table | None:
         obj = obj.to_frame()
     if not isinstance(obj, pl.DataFrame):
         return None
-    df = obj
+    n_rows = obj.height
+    df = obj.head(OBJECT_EXACT_ROWS)
     sample = df.head(OBJECT_SAMPLE_ROWS)
     cols = [
         Column(
             name,
             [_clean(_fmt(v)) for v in sample[name].to_list()],
-            n_unique=int(df[name].n_unique()),
+            unique_fn=lambda name=name: int(df[name].n_unique()),
             dtype=str(df.schema[name]),
         )
         for name in df.columns
@@ -1540,7 +1557,8 @@ def _table_from_polars(obj: Any) -> Table | None:
 
     return Table(
         cols,
-        n_rows=df.height,
+        n_rows=n_rows,
+        exact_rows=df.height,
         source="polars",
         series_name=series_name,
         min_class=min_class if df.height else None,

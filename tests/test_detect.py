@@ -148,3 +148,48 @@ def test_aggregates_with_all_cells_above_threshold_are_clean():
     assert detect_bundle({"text/html": counts._repr_html_()}) == []
     counts.loc[1, "n"] = 7
     assert [f.kind for f in detect_bundle({"text/html": counts._repr_html_()})] == [SMALL]
+
+
+@pytest.mark.parametrize(
+    ("frame", "expected"),
+    [
+        (
+            pd.DataFrame(
+                {
+                    "Age group": ["0-19", "20-39", "40-59", "60+"] * 2,
+                    "Sex": ["Male"] * 4 + ["Female"] * 4,
+                    "Population": [120000, 130000, 110000, 90000, 118000, 128000, 112000, 99000],
+                }
+            ),
+            set(),
+        ),
+        (pd.DataFrame({"Patient": ["Yes", "No"], "n": [120, 130]}), set()),
+        (
+            pd.DataFrame(
+                {"name": ["Maria Garcia", "Tom Baker"], "DOB": ["1950-01-02", "1960-03-04"]}
+            ),
+            {IND, DIRECT},
+        ),
+        (
+            pd.DataFrame(
+                {"date": [f"2020-01-{d:02d}" for d in range(1, 29)], "new_cases": range(28)}
+            ),
+            {SMALL},
+        ),
+    ],
+)
+def test_general_lookalikes(frame, expected):
+    for bundle in ({"text/html": frame._repr_html_()}, {"text/plain": repr(frame)}):
+        assert {f.kind for f in detect_bundle(bundle)} == expected
+    assert {f.kind for f in detect_object(frame)} == expected
+
+
+def test_large_in_kernel_frame_uses_whole_frame_facts():
+    n = 300_000
+    big = pd.DataFrame(
+        {"Sex": ["Male", "Female"] * (n // 2), "Age group": ["40-49", "50-59"] * (n // 2)}
+    )
+    assert detect_object(big) == []  # two classes of 150,000: k-anonymous
+    listing = case_listing(300_000, 8, ids=True, wide=False)
+    (f,) = detect_object(listing)
+    assert f.kind == IND and "300000 rows" in f.reasons[0]
