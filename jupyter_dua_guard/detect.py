@@ -34,6 +34,7 @@ __all__ = [
     "DetectorSettings",
     "Finding",
     "Vocabulary",
+    "detect",
     "detect_bundle",
     "detect_object",
     "detect_output",
@@ -1687,7 +1688,7 @@ def detect_bundle(
         text_for_ids = _text_of(bundle.get("text/plain"))
     if not tables:
         html = _text_of(bundle.get("text/html"))
-        if html and "<t" in html.lower():
+        if html and "<t" in html[:MAX_HTML_CHARS].lower():
             tables.extend(tables_from_html(html))
         if tables:
             text_for_ids = _html_text(html) if _html_may_identify(html) else ""
@@ -1772,3 +1773,24 @@ def detect_object(
 ) -> list[Finding]:
     """Findings for a pandas / polars object itself (exact counts, whole frame)."""
     return detect_bundle({}, obj=obj, settings=settings, location=location)
+
+
+def detect(
+    data: Any,
+    *,
+    obj: Any = None,
+    settings: DetectorSettings | None = None,
+    location: Mapping[str, Any] | None = None,
+) -> list[Finding]:
+    """One entry point for any input: an nbformat output, a mime bundle, or an object.
+
+    A mapping with ``output_type`` is an nbformat output; another mapping is a mime bundle;
+    anything else (a pandas / polars frame or series) is the displayed object itself.
+    """
+    if isinstance(data, Mapping):
+        if "output_type" in data:
+            return detect_output(data, settings=settings, location=location)
+        return detect_bundle(data, obj=obj, settings=settings, location=location)
+    if isinstance(data, str):
+        return detect_bundle({"text/plain": data}, settings=settings, location=location)
+    return detect_object(data, settings=settings, location=location)

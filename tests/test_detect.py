@@ -193,3 +193,14 @@ def test_large_in_kernel_frame_uses_whole_frame_facts():
     listing = case_listing(300_000, 8, ids=True, wide=False)
     (f,) = detect_object(listing)
     assert f.kind == IND and "300000 rows" in f.reasons[0]
+
+
+def test_detect_accepts_outputs_bundles_objects_and_text():
+    from jupyter_dua_guard.detect import detect
+
+    df = case_listing(30, 12)
+    bundle = {"text/html": df._repr_html_(), "text/plain": repr(df)}
+    output = {"output_type": "execute_result", "data": bundle, "metadata": {}, "execution_count": 1}
+    for data in (output, bundle, df, repr(df)):
+        assert [f.kind for f in detect(data)] == [IND]
+    assert detect(df.describe()) == []

@@ -169,3 +169,14 @@ def test_pre_commit_hook_definition_runs_scan(notebooks):
     cmd = [str(exe), *hook["entry"].split()[1:]]
     assert subprocess.run([*cmd, notebooks["flagged"]], capture_output=True).returncode == 1
     assert subprocess.run([*cmd, notebooks["clean"]], capture_output=True).returncode == 0
+
+
+def test_bad_settings_are_one_line_errors(notebooks, tmp_path):
+    for arg, message in [
+        ("--DUAGuard.min_cell_count=0", "must be at least 1"),
+        ("--DUAGuard.min_cell_count=abc", "expected an int"),
+        (f"--DUAGuard.vocabulary_files={tmp_path / 'missing.txt'!s}", "cannot read vocabulary"),
+    ]:
+        proc = run_scan(notebooks["clean"], arg)
+        assert proc.returncode == 2, arg
+        assert message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
