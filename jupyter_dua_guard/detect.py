@@ -463,17 +463,17 @@ def _cols(cols: list[Column], verb: tuple[str, str] | None = None) -> str:
 
 
 def _looks_range(values: list[str | None]) -> bool:
-    """Row labels 0..n-1 or 1..n: the default index of pandas / R row names."""
-    if not values:
-        return True
-    ints = []
+    """Row labels that count rows: increasing integers (0..n-1, R's 1..n, or what is left of
+    them after filtering or head/tail truncation)."""
+    last = -1
     for v in values:
-        if v is None or not _INT_RE.match(v):
+        if v is None or not v.isdigit():
             return False
-        ints.append(int(v.replace(",", "")))
-    if ints[0] not in (0, 1):
-        return all(b > a for a, b in itertools.pairwise(ints))
-    return all(b > a for a, b in itertools.pairwise(ints))
+        n = int(v)
+        if n <= last:
+            return False
+        last = n
+    return True
 
 
 def _distinct_ratio(col: Column) -> float:
@@ -541,7 +541,7 @@ def analyze_table(table: Table, settings: DetectorSettings) -> list[Finding]:
     count_cols = [c for c, r in zip(table.columns, col_roles, strict=False) if r == "count"]
     agg_cols = [c for c, r in zip(table.columns, col_roles, strict=False) if r in ("agg",)]
     recognised = sum(r is not None and r not in ("count", "agg") for r in col_roles)
-    index_range = all(_looks_range(c.values) for c in table.index) if table.index else True
+    index_range = all(not c.name and _looks_range(c.values) for c in table.index)
     index_named = any(c.name for c in table.index) or bool(table.column_axis_name)
     all_int = bool(table.columns) and all(
         all(v.isdigit() or _as_count(v) is not None for v in c.values if v is not None)
@@ -997,9 +997,6 @@ def _grid_to_table(raw: dict[str, Any], truncated: bool) -> Table | None:
             index_names = idx_cells + [""] * (n_idx - len(idx_cells))
         elif any(idx_cells) and any(data_cells) and n_idx:
             col_axis_name = idx_cells[-1]
-    if head and index_names == [""] * n_idx and names:
-        # index-name rows were folded into names: drop their empty-data contribution
-        pass
     drop = {j for j, n in enumerate(names) if is_ellipsis.match(n)}
     if drop:
         trunc = True
@@ -1064,7 +1061,6 @@ def tables_from_text(text: str) -> list[Table]:
         return []
     lines = text.split("\n")[: MAX_TEXT_TABLE_LINES * 4]
     tables: list[Table] = []
-    i = 0
     block: list[str] = []
     blocks: list[list[str]] = []
     for line in lines:
@@ -1101,7 +1097,6 @@ def tables_from_text(text: str) -> list[Table]:
                 tables.append(t)
             continue
         tables.extend(_aligned_text(block))
-        i += 1
     return tables
 
 
