@@ -1222,6 +1222,9 @@ def _aligned_text(block: list[str]) -> list[Table]:
         return []
     if is_series:
         return _series_text([x.rstrip() for x in lines], series_name or "", n_rows, trunc)
+    one_way = _r_one_way_table([x.strip() for x in lines])
+    if one_way is not None:
+        return [one_way]
     r_axis = None
     if (
         len(lines) >= 3
@@ -1310,6 +1313,32 @@ def _aligned_text(block: list[str]) -> list[Table]:
         column_axis_name=col_axis_name,
     )
     return [t] if cols else []
+
+
+def _r_one_way_table(lines: list[str]) -> Table | None:
+    """R's print of a one-way table(): a line of labels over a line of counts (repeated
+    when wide), optionally under the variable name."""
+    name = ""
+    if len(lines) % 2 == 1 and len(lines[0].split()) == 1:
+        name, lines = lines[0], lines[1:]
+    if len(lines) < 2 or len(lines) % 2:
+        return None
+    labels: list[str] = []
+    counts: list[str] = []
+    for top, bottom in zip(lines[::2], lines[1::2], strict=True):
+        heads, values = top.split(), bottom.split()
+        if len(heads) != len(values) or not all(v.isdigit() for v in values):
+            return None
+        if all(h.isdigit() for h in heads) and len(heads) > 1 and not name:
+            return None  # two lines of plain numbers, not a labelled table
+        labels += heads
+        counts += values
+    return Table(
+        [Column("", [_clean(v) for v in counts])],
+        index=[Column(name, [_clean(v) for v in labels])],
+        source="text",
+        series_name="",
+    )
 
 
 def _series_text(lines: list[str], name: str, n_rows: int | None, trunc: bool) -> list[Table]:

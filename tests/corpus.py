@@ -558,6 +558,16 @@ def build_corpus() -> list[Case]:
         {"text/plain": repr(_pl(grp).group_by(["County", "Sex"]).len().sort("County"))},
         {SMALL},
     )
+    add(
+        "R one-way table() small",
+        {"text/plain": "\n  Distant Localized  Regional \n       12       410       233 \n"},
+        {SMALL},
+    )
+    add(
+        "R one-way table() large",
+        {"text/plain": "stage\n  Distant Localized  Regional \n       92       410       233 \n"},
+        set(),
+    )
     return cases
 
 
