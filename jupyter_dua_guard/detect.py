@@ -14,7 +14,6 @@ The rule set and its defaults are documented in ``docs/detector.md``.
 
 from __future__ import annotations
 
-import itertools
 import json
 import re
 import sys
