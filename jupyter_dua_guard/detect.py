@@ -1453,8 +1453,11 @@ def table_from_dataresource(obj: Any) -> Table | None:
             return None
     if not isinstance(obj, Mapping):
         return None
-    schema = obj.get("schema") or {}
-    fields = [f.get("name") for f in schema.get("fields", []) if isinstance(f, Mapping)]
+    schema = obj.get("schema")
+    schema = schema if isinstance(schema, Mapping) else {}
+    raw_fields = schema.get("fields")
+    raw_fields = raw_fields if isinstance(raw_fields, list) else []
+    fields = [f.get("name") for f in raw_fields if isinstance(f, Mapping)]
     data = obj.get("data") or []
     if not isinstance(data, list):
         return None

@@ -170,7 +170,13 @@ def scan_notebook_node(
                 loc = {"notebook": notebook, **loc}
             if cell.get("id"):
                 loc["cell_id"] = cell["id"]
-            findings.extend(detect_output(out, settings=settings, location=loc))
+            try:
+                findings.extend(detect_output(out, settings=settings, location=loc))
+            except Exception as exc:  # a detector bug must not hide the other outputs
+                raise NotebookError(
+                    f"cell {ci + 1} output {oi + 1} could not be checked "
+                    f"({exc.__class__.__name__}); please report this output's format"
+                ) from None
     return findings
 
 
@@ -186,7 +192,10 @@ def scan_path(path: Path, settings: DetectorSettings | None = None) -> NotebookR
         nb, _raw = read_notebook(path)
     except NotebookError as exc:
         return NotebookResult(str(path), error=str(exc))
-    findings = scan_notebook_node(nb, settings=settings, notebook=str(path))
+    try:
+        findings = scan_notebook_node(nb, settings=settings, notebook=str(path))
+    except NotebookError as exc:
+        return NotebookResult(str(path), error=str(exc))
     return NotebookResult(str(path), findings)
 
 
