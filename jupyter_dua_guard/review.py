@@ -39,9 +39,9 @@ def review_data(
         raise ReviewError(f"--decision must be approve or reject, not {decision!r}")
     try:
         nb, raw = read_notebook(path)
+        findings: list[Finding] = scan_notebook_node(nb, settings=settings)
     except NotebookError as exc:
         raise ReviewError(f"{path}: {exc}") from None
-    findings: list[Finding] = scan_notebook_node(nb, settings=settings)
     summary = summarize(findings)
     summary["total"] = len(findings)
     return {
