@@ -254,7 +254,7 @@ _DATE_RE = re.compile(
     re.IGNORECASE,
 )
 _IDVAL_RE = re.compile(
-    r"^(?:[A-Za-z]{1,8}[-_ ]?\d{4,}[A-Za-z]?|\d{6,}|"
+    r"^(?:[A-Za-z]{1,8}[-_ ]?\d{3,}[A-Za-z]?|\d{6,}|"
     r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})$"
 )
 _PERSON_NAME_RE = re.compile(r"^[A-Z][a-z'’-]+(?:,)?(?: [A-Z]\.?)?(?: [A-Z][a-z'’-]+)+$")
@@ -352,8 +352,9 @@ _ID_PHRASES = (
 _PERSON_NAME_LABELS = {
     "name", "patient name", "full name", "first name", "last name", "surname", "given name",
     "family name", "middle name", "maiden name", "firstname", "lastname", "fname", "lname",
-    "patient", "person", "decedent",
+    "decedent",
 }
+_PERSON_ENTITY_LABELS = {"patient", "person", "subject", "participant", "case", "individual"}
 _CONTACT_TOKENS = {"email", "mail", "phone", "telephone", "address", "street", "ssn"}
 _DATE_EVENT_TOKENS = {
     "birth", "dob", "diagnosis", "dx", "death", "died", "contact", "followup", "follow",
@@ -412,6 +413,8 @@ def column_role(label: str, vocabulary: Vocabulary) -> str | None:
         if not tokens & _NON_PERSON:
             return "identifier"
         return None
+    if norm in _PERSON_ENTITY_LABELS:
+        return "identifier"  # "Patient": an identifier, or names (checked on the values)
     if norm in _PERSON_NAME_LABELS or tokens & _CONTACT_TOKENS:
         return "direct"
     if ("date" in tokens or "dt" in tokens or "dob" in tokens) and (
@@ -624,7 +627,7 @@ def analyze_table(table: Table, settings: DetectorSettings) -> list[Finding]:
     for col, role in all_cols:
         if (
             role == "identifier"
-            and _numeric_kind(col) != "float"
+            and _id_values(col)
             and (
                 (
                     (nu := col.exact_unique()) is not None
@@ -663,7 +666,12 @@ def analyze_table(table: Table, settings: DetectorSettings) -> list[Finding]:
             f"{n_rows} row{'s' if n_rows != 1 else ''}, "
             f"{per_row or 'one per identifier'}"
         )
-    direct_cols = [c for c, r in all_cols if r == "direct" and _direct_values(c)]
+    direct_cols = [
+        c
+        for c, r in all_cols
+        if (r == "direct" and _direct_values(c))
+        or (r == "identifier" and _norm(c.name) in _PERSON_ENTITY_LABELS and _names_in(c))
+    ]
     if direct_cols:
         findings.append(
             Finding(
@@ -727,6 +735,24 @@ def _fine_qis(qis: list[tuple[Column, str]]) -> bool:
     return False
 
 
+def _id_values(col: Column) -> bool:
+    """Values an identifier column really holds: codes with digits (not floats, not yes/no),
+    or names."""
+    vals = [v for v in col.values if v is not None]
+    if not vals:
+        return col.exact_unique() is not None
+    if _numeric_kind(col) == "float":
+        return False
+    with_digits = sum(any(ch.isdigit() for ch in v) for v in vals)
+    return with_digits * 5 >= len(vals) * 4 or _names_in(col)
+
+
+def _names_in(col: Column) -> bool:
+    """Whether most visible values look like person names ("Maria Garcia", "Baker, Tom")."""
+    vals = [v for v in col.values if v is not None]
+    return bool(vals) and sum(bool(_PERSON_NAME_RE.match(v)) for v in vals) * 2 >= len(vals)
+
+
 def _direct_values(col: Column) -> bool:
     """Whether a 'name'/'email'/... column really holds such values (not codes or blanks)."""
     vals = [v for v in col.values if v is not None]
@@ -741,8 +767,8 @@ def _direct_values(col: Column) -> bool:
         return any(sum(ch.isdigit() for ch in v) >= 9 for v in vals)
     if "address" in norm or "street" in norm:
         return any(re.search(r"\d+\s+\w+", v) for v in vals)
-    if norm in ("name", "patient", "person", "decedent", "full name", "patient name"):
-        return sum(bool(_PERSON_NAME_RE.match(v)) for v in vals) >= max(1, len(vals) // 2)
+    if norm in ("name", "decedent", "full name", "patient name"):
+        return _names_in(col)
     return sum(bool(re.fullmatch(r"[A-Z][a-z'’-]+(?: [A-Z][a-z'’-]+)*", v)) for v in vals) >= max(
         1, len(vals) // 2
     )
