@@ -100,7 +100,12 @@ class OutputGuard:
 
 
 def _settings_from_policy() -> DetectorSettings:
-    """Thresholds from the policy file the server writes for guarded kernels, else defaults."""
+    """Detector settings from the policy file the server writes for guarded kernels.
+
+    Keys (top level or under ``"detector"``): ``min_cell_count``, ``k_anonymity``,
+    ``allow_zero_cells``, ``vocabulary_files``, ``extra_case_variables``. Missing file or keys:
+    the defaults.
+    """
     import json
     import os
 
@@ -126,6 +131,17 @@ def _settings_from_policy() -> DetectorSettings:
             setattr(settings, key, detector[key])
     if isinstance(detector.get("allow_zero_cells"), bool):
         settings.allow_zero_cells = detector["allow_zero_cells"]
+    files = detector.get("vocabulary_files") or []
+    extra = detector.get("extra_case_variables") or []
+    if files or extra:
+        from .detect import Vocabulary, VocabularyError
+
+        try:
+            settings.vocabulary = Vocabulary.from_files(
+                [str(f) for f in files], [str(x) for x in extra]
+            )
+        except VocabularyError as exc:
+            print(f"jupyter-dua-guard: {exc}; using the built-in vocabulary", file=sys.stderr)
     return settings
 
 

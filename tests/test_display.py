@@ -139,5 +139,9 @@ def test_kernel_thresholds_come_from_policy_file(tmp_path, monkeypatch):
     monkeypatch.setenv("JUPYTER_DUA_GUARD_POLICY", str(policy))
     settings = _settings_from_policy()
     assert settings.min_cell_count == 11 and settings.allow_zero_cells is False
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("[qi:geo]\nResidence zone\n", encoding="utf-8")
+    policy.write_text(json.dumps({"vocabulary_files": [str(vocab)], "extra_case_variables": ["X"]}))
+    assert _settings_from_policy().vocabulary.role("residence_zone") == "qi:geo"
     policy.write_text("{broken")
     assert _settings_from_policy().min_cell_count == 16
