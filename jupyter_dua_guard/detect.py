@@ -304,7 +304,7 @@ _AGG_TOKENS = {
     "sum", "rate", "rates", "pct", "percent", "percentage", "proportion", "prop", "share",
     "ci", "lcl", "ucl", "iqr", "q1", "q3", "incidence", "prevalence", "crude", "adjusted",
     "cumulative", "aapc", "apc", "mortality", "quantile", "percentile", "lower", "upper",
-    "population", "denominator", "expected",
+    "population", "denominator", "expected", "per",
 }
 _COUNT_LABELS = {
     "n", "count", "counts", "freq", "frequency", "frequencies", "cases", "case count",
@@ -371,8 +371,16 @@ _CASE_TOKENS = {
     "stage", "grade", "laterality", "surgery", "radiation", "chemo", "chemotherapy",
     "treatment", "tumor", "tumour", "nodes", "eod", "marital", "insurance", "diagnostic",
     "behavior", "cod", "primary", "icd", "icdo3", "seer", "recode", "histo3v", "siteo2v",
+    "er", "pr", "her2", "receptor", "biomarker", "tnm", "metastasis", "mets", "lymph",
 }
 _FINE_QI = {"geo", "year"}
+_N_ENTITY_RE = re.compile(
+    r"(?:n|num|no|number of|count of) (?:cases|patients|persons|people|subjects|events|deaths|"
+    r"obs|records|tumors|tumours|rows|individuals|women|men|participants|diagnoses)"
+)
+_SURVIVAL_TOKENS = {"survival", "surv", "srv", "vital", "died", "deceased", "dead", "alive"}
+_OUTCOME_TOKENS = {"os", "pfs", "dfs", "efs", "rfs", "followup", "fu"}
+_TIME_TOKENS = {"months", "month", "days", "day", "time", "years", "status", "event", "mo"}
 # fmt: on
 
 
@@ -388,7 +396,7 @@ def column_role(label: str, vocabulary: Vocabulary) -> str | None:
     is_count = (
         norm in _COUNT_LABELS
         or tokens & _COUNT_TOKENS
-        or re.fullmatch(r"n [a-z]+", norm)
+        or _N_ENTITY_RE.fullmatch(norm)
         or last in _COUNT_LAST_TOKENS
     )
     if is_count and not tokens & {
@@ -423,13 +431,19 @@ def column_role(label: str, vocabulary: Vocabulary) -> str | None:
         return "date" if norm != "date" else None
     if "birth" in tokens and "year" in tokens:
         return "qi:year"
-    if "survival" in tokens or "vital" in tokens or ("cause" in tokens and "death" in tokens):
+    if (
+        tokens & _SURVIVAL_TOKENS
+        or (tokens & _OUTCOME_TOKENS and tokens & _TIME_TOKENS)
+        or ("cause" in tokens and "death" in tokens)
+    ):
         return "per_person"
     if "year" in tokens and tokens & {"diagnosis", "dx", "death"}:
         return "qi:year"
     for tok in tokens:
         if tok in _QI_TOKENS:
             return "qi:" + _QI_TOKENS[tok]
+        if tok.startswith("zip") or tok in ("postal", "postcode"):
+            return "qi:geo"
     if "site" in tokens and tokens & {"primary", "cancer", "tumor", "tumour", "recode"}:
         return "qi:site"
     if tokens & _CASE_TOKENS:
