@@ -479,17 +479,9 @@ def _cols(cols: list[Column], verb: tuple[str, str] | None = None) -> str:
 
 
 def _looks_range(values: list[str | None]) -> bool:
-    """Row labels that count rows: increasing integers (0..n-1, R's 1..n, or what is left of
-    them after filtering or head/tail truncation)."""
-    last = -1
-    for v in values:
-        if v is None or not v.isdigit():
-            return False
-        n = int(v)
-        if n <= last:
-            return False
-        last = n
-    return True
+    """Row labels that number rows: non-negative integers (pandas' default index, R's 1..n,
+    or what is left of them after filtering, sampling, sorting or head/tail truncation)."""
+    return all(v is not None and v.isdigit() for v in values)
 
 
 def _distinct_ratio(col: Column) -> float:

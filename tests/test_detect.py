@@ -204,3 +204,15 @@ def test_detect_accepts_outputs_bundles_objects_and_text():
     for data in (output, bundle, df, repr(df)):
         assert [f.kind for f in detect(data)] == [IND]
     assert detect(df.describe()) == []
+
+
+def test_sampled_and_sorted_listings_and_confusion_matrix():
+    listing = case_listing(400, 21, ids=False, wide=False)
+    for shown in (listing.sample(8, random_state=1), listing.nlargest(5, "Age at diagnosis")):
+        for bundle in ({"text/html": shown._repr_html_()}, {"text/plain": repr(shown)}):
+            assert [f.kind for f in detect_bundle(bundle)] == [IND]
+    cm = pd.DataFrame(
+        [[120, 3], [8, 200]], index=["actual_0", "actual_1"], columns=["pred_0", "pred_1"]
+    )
+    (f,) = detect_bundle({"text/html": cm._repr_html_()})
+    assert f.kind == SMALL and "2 of 4 counts" in f.reasons[0]
