@@ -12,6 +12,7 @@ import html
 import io
 import json
 import os
+import re
 import socket
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -69,17 +70,23 @@ def model_artifacts(ledger: Ledger, since: Any = None, until: Any = None) -> lis
 
 
 def build_report(
-    ledger: Ledger, since: Any = None, until: Any = None, head: str | None = None
+    ledger: Ledger,
+    since: Any = None,
+    until: Any = None,
+    head: str | None = None,
+    *,
+    workers: int = 1,
 ) -> dict[str, Any]:
     """Everything NIH asks for in sec. 22, for the period, as plain data."""
     # The chain check reads every record: run it beside the aggregation (SQLite releases
     # the GIL), which roughly halves the wall time of a report on two cores.
     with ThreadPoolExecutor(max_workers=1) as pool:
-        pending = pool.submit(ledger.verify, head)
+        pending = pool.submit(ledger.verify, head, workers=workers)
         try:
             result = _assemble(ledger, since, until, ledger.aggregate(since, until))
         finally:
             verification = pending.result()
+    result["head"] = verification.head
     result["verification"] = verification.to_dict()
     return result
 
@@ -363,7 +370,8 @@ h1 { font-size: 1.6em; margin-bottom: .2em; } h2 { font-size: 1.2em; margin-top:
 table { border-collapse: collapse; width: 100%; margin: .5em 0; font-size: .9em; }
 th, td { border: 1px solid #bbb; padding: .25em .45em; text-align: left; vertical-align: top;
   overflow-wrap: anywhere; }
-th { background: #eee; } tr { page-break-inside: avoid; }
+th { background: #eee; overflow-wrap: normal; } td.t { white-space: nowrap; }
+tr { page-break-inside: avoid; }
 .meta td:first-child { width: 14em; font-weight: 600; } .none { color: #555; font-style: italic; }
 .ok { color: #0a5a0a; font-weight: 700; } .bad { color: #a00; font-weight: 700; }
 code { font-family: ui-monospace, Menlo, Consolas, monospace; font-size: .85em; }
@@ -374,16 +382,23 @@ code { font-family: ui-monospace, Menlo, Consolas, monospace; font-size: .85em; 
 """
 
 
+_STAMP = re.compile(r"(\d{4}-\d{2}-\d{2})T(\d{2}:\d{2}:\d{2})\.\d{6}Z")
+
+
+def _cell(value: Any) -> str:
+    """A table cell; ledger timestamps shown to the second, in UTC, without wrapping."""
+    text = "" if value is None else str(value)
+    stamp = _STAMP.fullmatch(text)
+    if stamp:
+        return f'<td class="t">{stamp.group(1)} {stamp.group(2)} UTC</td>'
+    return f"<td>{html.escape(text)}</td>"
+
+
 def _table(headers: list[str], rows: list[list[Any]], empty: str) -> str:
     if not rows:
         return f'<p class="none">{html.escape(empty)}</p>'
     head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
-    body = "".join(
-        "<tr>"
-        + "".join(f"<td>{html.escape('' if c is None else str(c))}</td>" for c in r)
-        + "</tr>"
-        for r in rows
-    )
+    body = "".join("<tr>" + "".join(_cell(c) for c in r) + "</tr>" for r in rows)
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 

@@ -139,3 +139,27 @@ async def test_events_api_requires_authentication(jp_fetch):
     with pytest.raises(HTTPClientError) as err:
         await jp_fetch("dua-guard", "api", "events", headers={"Authorization": ""})
     assert err.value.code == 403
+
+
+async def test_kernel_started_emitted_to_jupyter_events(jp_fetch, jp_serverapp, jp_root_dir):
+    from jupyter_dua_guard.events import SCHEMA_ID
+
+    logger = jp_serverapp.event_logger
+    assert SCHEMA_ID in logger.schemas.schema_ids
+    seen: list[dict] = []
+
+    async def listener(logger, schema_id, data) -> None:
+        seen.append(data)
+
+    logger.add_listener(schema_id=SCHEMA_ID, listener=listener)
+    resp = await jp_fetch("api", "kernels", method="POST", body=json.dumps({"name": "python3"}))
+    kernel_id = json.loads(resp.body)["id"]
+    try:
+        for _ in range(50):
+            if seen:
+                break
+            await asyncio.sleep(0.05)
+        assert seen and seen[0]["kind"] == "kernel_started"
+        assert seen[0]["data"]["kernel_id"] == kernel_id
+    finally:
+        await jp_fetch("api", "kernels", kernel_id, method="DELETE")
