@@ -22,7 +22,17 @@ class DUAGuardApp(JupyterApp):
         "(c.DUAGuard.*) and from --DUAGuard.<setting>=... on the command line."
     )
     classes = [DUAGuard]
-    subcommands: dict = {**LEDGER_SUBCOMMANDS}
+    subcommands: dict = {
+        **LEDGER_SUBCOMMANDS,
+        "scan": (
+            "jupyter_dua_guard.scan.ScanApp",
+            "Scan notebooks for individual-level outputs and small cells (exit 1 if flagged).",
+        ),
+        "review": (
+            "jupyter_dua_guard.review.ReviewApp",
+            "Sign the human review of a notebook's outputs (DUA sec. 22) in the ledger.",
+        ),
+    }
     guard: DUAGuard
 
     # Read the server's configuration files so that the command line sees the same settings.

@@ -8,7 +8,7 @@ the Jupyter server.
 
 import os
 
-from traitlets import Bool, TraitError, Unicode, default
+from traitlets import Bool, Int, List, TraitError, Unicode, default, validate
 from traitlets.config import Configurable
 
 
@@ -26,6 +26,65 @@ class DUAGuard(Configurable):
             "'DUA guard: off' in JupyterLab; the Data Use Agreement still applies."
         ),
     ).tag(config=True)
+
+    min_cell_count = Int(
+        16,
+        help=(
+            "Smallest count an aggregate table may show (NIH/NCI small-cell rule: counts from 1 "
+            "to min_cell_count - 1 are flagged). 16 follows the NCI/CDC cancer-statistics "
+            "suppression rule; set it to what your DUA requires (e.g. 11)."
+        ),
+    ).tag(config=True)
+
+    allow_zero_cells = Bool(
+        True,
+        help="Whether a count of 0 is acceptable in aggregate tables (NIH policy allows zeros).",
+    ).tag(config=True)
+
+    k_anonymity = Int(
+        0,
+        help=(
+            "Smallest equivalence class on quasi-identifiers (age, sex, race/origin, year, "
+            "county/registry, site/histology) a row-level table may show. 0 means: use "
+            "min_cell_count."
+        ),
+    ).tag(config=True)
+
+    vocabulary_files = List(
+        Unicode(),
+        help=(
+            "Extra case-level vocabulary files merged with the built-in SEER/NCCR list "
+            "(same format as jupyter_dua_guard/data/seer_vocabulary.txt: labels grouped in "
+            "[identifier], [direct], [date], [per_person], [qi:<group>], [case] sections)."
+        ),
+    ).tag(config=True)
+
+    extra_case_variables = List(
+        Unicode(),
+        help=(
+            "Additional case-level column labels (your own extract's variable names); "
+            "treated like the [case] section of the vocabulary."
+        ),
+    ).tag(config=True)
+
+    @validate("min_cell_count")
+    def _check_min_cell_count(self, proposal: dict) -> int:
+        value = proposal["value"]
+        if value < 1:
+            raise TraitError(
+                f"DUAGuard.min_cell_count must be at least 1, got {value}; set it to the "
+                "smallest count your DUA allows (default 16)."
+            )
+        return value
+
+    @validate("k_anonymity")
+    def _check_k(self, proposal: dict) -> int:
+        value = proposal["value"]
+        if value < 0:
+            raise TraitError(
+                f"DUAGuard.k_anonymity must be 0 (use min_cell_count) or positive, got {value}."
+            )
+        return value
 
     ledger_url = Unicode(
         help=(
