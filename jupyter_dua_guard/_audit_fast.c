@@ -58,6 +58,18 @@ guard_hook(const char *event, PyObject *args, void *data)
 #endif
     Py_DECREF(name);
     if (res == NULL) {
+        /* Drop the guard's own frames from the error so that user code cannot reach the
+           handler's locals through the traceback. */
+        PyObject *type, *value, *tb;
+        PyErr_Fetch(&type, &value, &tb);
+        PyErr_NormalizeException(&type, &value, &tb);
+        Py_XDECREF(tb);
+        if (value != NULL) {
+            PyException_SetTraceback(value, Py_None);
+            PyException_SetContext(value, NULL);
+            PyException_SetCause(value, NULL);
+        }
+        PyErr_Restore(type, value, NULL);
         return -1;
     }
     Py_DECREF(res);

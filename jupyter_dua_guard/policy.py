@@ -18,6 +18,7 @@ Host patterns:
 from __future__ import annotations
 
 import _socket
+import contextlib
 import json
 import os
 import re
@@ -95,17 +96,15 @@ def normalize_host(host: Any) -> str | None:
             host = bytes(host).decode("latin-1")
     if not isinstance(host, str):
         return None
-    host = host.strip()
+    host = str.__str__(host).strip()  # a str subclass must not run its own methods here
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
     host = host.rstrip(".").lower()
     if "%" in host and ":" in host:  # IPv6 zone id: fe80::1%eth0
         host = host.split("%", 1)[0]
     if host and not host.isascii():
-        try:
+        with contextlib.suppress(UnicodeError):
             host = host.encode("idna").decode("ascii")
-        except UnicodeError:
-            pass
     return host or None
 
 
