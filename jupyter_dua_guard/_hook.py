@@ -139,7 +139,13 @@ def make_handlers(
         if decision == BLOCK and mode == "block":
             recording(
                 "egress_blocked",
-                {"host": name, "port": port, "provider": provider, "via": via, "mode": mode},
+                {
+                    "host": name,
+                    "port": port,
+                    "rule": f"AI endpoint catalogue: {provider}",
+                    "provider": provider,
+                    "via": via,
+                },
             )
             raise AIEndpointBlocked(name, port, provider)
         key = (name, port)
@@ -148,7 +154,11 @@ def make_handlers(
         seen_ai.add(key)
         data = {"host": name, "port": port, "provider": provider, "via": via}
         if decision == BLOCK:
-            data["policy"] = "record-only mode: an AI host the block-list names was allowed"
+            data["rule"] = f"record-only mode (DUAGuard.mode='record'): {provider}"
+        elif "allow-listed" in provider:
+            data["rule"] = "DUAGuard.allowed_hosts"
+        else:
+            data["rule"] = f"local or approved model server: {provider}"
         recording("egress_allowed_ai", data)
 
     def on_getaddrinfo(args: tuple) -> None:
@@ -235,7 +245,7 @@ def make_handlers(
             recording(
                 "ai_ml_import",
                 {
-                    "package": key,
+                    "name": key,
                     "module": name,
                     "distribution": dist,
                     "version": version,
@@ -283,7 +293,12 @@ def make_handlers(
             seen_files.add(key)
             recording(
                 "model_artifact_written",
-                {"path": full, "file_name": name, "open_mode": open_mode or "os.open"},
+                {
+                    "path": full,
+                    "size": None,
+                    "format": name.rpartition(".")[2].lower() if "." in name else "",
+                    "open_mode": open_mode or "os.open",
+                },
             )
         else:
             full = abspath(path)
@@ -297,7 +312,15 @@ def make_handlers(
                 size = stat(full).st_size
             except OSError:
                 size = None
-            recording("data_read", {"path": full, "size": size})
+            base = basename(full)
+            recording(
+                "data_read",
+                {
+                    "path": full,
+                    "size": size,
+                    "format": base.rpartition(".")[2].lower() if "." in base else "",
+                },
+            )
 
     # ---------------------------------------------------------------- tamper protection
 

@@ -25,7 +25,7 @@ class DUAGuardExtension(ExtensionApp):
     version = __version__
     load_other_extensions = True
 
-    guard = Instance(DUAGuard, help="The active DUA guard settings.")
+    guard = Instance(DUAGuard, allow_none=True, help="The active DUA guard settings.")
 
     def initialize_settings(self) -> None:
         self.guard = DUAGuard(parent=self)

@@ -180,7 +180,12 @@ def install(
     if policy.defaults_reason:
         record(
             "guard_defaults_used",
-            {"reason": policy.defaults_reason, "mode": policy.mode},
+            {
+                "settings": ["policy"],
+                "detail": f"{policy.defaults_reason}: the built-in AI catalogue is enforced, "
+                "site settings (allowed hosts, data paths, extra packages) are not",
+                "mode": policy.mode,
+            },
         )
     _status.update(
         {

@@ -176,6 +176,10 @@ class HostSet:
             if pattern is None:
                 raise PolicyError(f"bad host pattern {raw!r}: give a host name, IP or CIDR range")
             net = _parse_network(pattern)
+            if net is None and ("/" in pattern or ":" in pattern):
+                raise PolicyError(
+                    f"bad address pattern {raw!r}: give an IPv4/IPv6 address or CIDR range"
+                )
             if net is not None:
                 networks.append((*net, label))
             elif "*" in pattern:

@@ -88,7 +88,10 @@ class DUAGuardProvisioner(LocalProvisioner):  # type: ignore[misc]
         recorder(
             "kernel_started",
             {
-                "kernel_name": getattr(self.kernel_spec, "display_name", None) or "",
+                "kernel_id": self.kernel_id,
+                "kernel_name": getattr(self.parent, "kernel_name", None) or "",
+                "notebook": getattr(self, "_dua_guard_notebook", None),
+                "display_name": getattr(self.kernel_spec, "display_name", None) or "",
                 "language": getattr(self.kernel_spec, "language", None) or "",
                 "pid": getattr(self, "pid", None),
                 "guarded": True,
