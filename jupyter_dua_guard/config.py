@@ -6,9 +6,10 @@
 without importing the Jupyter server.
 """
 
+import os
 from typing import Any
 
-from traitlets import Bool, Dict, Enum, List, TraitError, Unicode, validate
+from traitlets import Bool, Dict, Enum, List, TraitError, Unicode, default, validate
 from traitlets.config import Configurable
 
 from .policy import DEFAULT_MODEL_ARTIFACT_PATTERNS, HostSet, PolicyError
@@ -24,6 +25,22 @@ class DUAGuard(Configurable):
             "'DUA guard: off' in JupyterLab; the Data Use Agreement still applies."
         ),
     ).tag(config=True)
+
+    ledger_url = Unicode(
+        help=(
+            "Where the usage ledger (DUA sec. 22 records of AI/ML use) is kept: "
+            "sqlite:////absolute/path/ledger.sqlite. Defaults to $JUPYTER_DUA_GUARD_LEDGER, else "
+            "dua_guard/ledger.sqlite under the Jupyter data dir. `jupyter dua-guard` commands "
+            "take --ledger URL to override it."
+        ),
+    ).tag(config=True)
+
+    @default("ledger_url")
+    def _default_ledger_url(self) -> str:
+        from .events import ENV_LEDGER
+        from .ledger import default_ledger_url
+
+        return os.environ.get(ENV_LEDGER) or default_ledger_url()
 
     mode = Enum(
         ["block", "record"],

@@ -1,0 +1,941 @@
+"""The usage ledger: an append-only, hash-chained record of the guard's events.
+
+DUA sec. 22 requires records of every AI/ML tool used with the data, to be handed to NIH on
+request; those records are only worth something if an auditor can tell whether they were
+changed. Every record therefore stores ``hash = sha256(prev + "\\n" + body)`` where ``prev``
+is the previous record's hash and ``body`` the canonical JSON of the event (which includes
+its sequence number). Editing, deleting, inserting or reordering records breaks the chain;
+truncating the tail is detected against a head hash pinned elsewhere (a report, a note).
+
+Storage sits behind the small ``Ledger`` interface so that a PostgreSQL backend can follow
+for multi-user hubs; the embedded backend is one SQLite file in WAL mode. This module is
+stdlib only: every guarded kernel imports it.
+"""
+
+from __future__ import annotations
+
+import abc
+import datetime as _dt
+import fnmatch
+import hashlib
+import json
+import os
+import re
+import sqlite3
+import threading
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, unquote, urlsplit
+
+from . import events
+
+try:  # POSIX: serialise writers in the kernel instead of SQLite's sleeping busy handler.
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None  # type: ignore[assignment]
+
+__all__ = [
+    "GENESIS",
+    "Ledger",
+    "LedgerError",
+    "SQLiteLedger",
+    "VerifyResult",
+    "canonical_json",
+    "default_ledger_url",
+    "open_ledger",
+    "record_hash",
+]
+
+LEDGER_FORMAT = "jupyter-dua-guard-ledger"
+LEDGER_VERSION = "1"
+GENESIS = "0" * 64
+SQLITE_MAGIC = b"SQLite format 3\x00"
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+
+
+class LedgerError(Exception):
+    """A ledger problem, as one line naming what is wrong and how to fix it."""
+
+
+def canonical_json(value: Any) -> str:
+    """The one JSON text of a value that every writer and verifier agrees on."""
+    try:
+        return json.dumps(
+            value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False,
+            default=str,
+        )
+    except (TypeError, ValueError) as exc:
+        raise LedgerError(f"event is not JSON-serialisable ({exc}): pass plain values") from None
+
+
+def record_hash(prev: str, body: str) -> str:
+    """SHA-256 of a record's canonical JSON together with the previous record's hash."""
+    return hashlib.sha256(f"{prev}\n{body}".encode()).hexdigest()
+
+
+def default_ledger_url() -> str:
+    """``sqlite:///<jupyter data dir>/dua_guard/ledger.sqlite`` (absolute path, four slashes)."""
+    try:
+        from jupyter_core.paths import jupyter_data_dir
+
+        data_dir = jupyter_data_dir()
+    except ImportError:  # a bare Python process: follow jupyter_core's own rule
+        data_dir = os.environ.get("JUPYTER_DATA_DIR") or os.path.join(
+            os.environ.get("XDG_DATA_HOME") or os.path.expanduser("~/.local/share"), "jupyter"
+        )
+    return "sqlite:///" + os.path.abspath(os.path.join(data_dir, "dua_guard", "ledger.sqlite"))
+
+
+# --------------------------------------------------------------------------- time filters
+
+
+def parse_time(value: str | _dt.datetime | _dt.date | None, *, end: bool = False) -> str | None:
+    """Normalise a --since/--until value to the ledger's UTC text form.
+
+    A date alone means the whole day: as ``end`` it is the first instant of the next day
+    (used as an exclusive bound), so ``--until 2026-03-31`` includes all of March 31st.
+    Times without a zone are UTC.
+    """
+    if value is None or value == "":
+        return None
+    date_only = False
+    if isinstance(value, _dt.datetime):
+        moment = value
+    elif isinstance(value, _dt.date):
+        moment, date_only = _dt.datetime(value.year, value.month, value.day), True
+    else:
+        text = str(value).strip()
+        try:
+            if re.fullmatch(r"\d{4}-\d{2}-\d{2}", text):
+                moment, date_only = _dt.datetime.fromisoformat(text), True
+            else:
+                moment = _dt.datetime.fromisoformat(text.replace("Z", "+00:00").replace(" ", "T"))
+        except ValueError:
+            raise LedgerError(
+                f"cannot read the time {text!r}: use ISO 8601, e.g. 2026-03-31 or "
+                "2026-03-31T14:00:00Z"
+            ) from None
+    if moment.tzinfo is not None:
+        moment = moment.astimezone(_dt.timezone.utc).replace(tzinfo=None)
+    if date_only and end:
+        moment += _dt.timedelta(days=1)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+# --------------------------------------------------------------------------- results
+
+
+@dataclass(frozen=True)
+class VerifyResult:
+    """Outcome of walking the chain; ``bad_seq`` names the first bad record."""
+
+    ok: bool
+    records: int
+    head_seq: int
+    head_hash: str
+    url: str = ""
+    bad_seq: int | None = None
+    problem: str | None = None
+    pinned: str | None = None
+
+    @property
+    def head(self) -> str:
+        """The head as ``seq:hash``, the form ``verify --head`` accepts."""
+        return f"{self.head_seq}:{self.head_hash}"
+
+    def summary(self) -> str:
+        """One line for people: intact with the head, or the first bad record and why."""
+        if self.ok:
+            pin = f"; pinned head {self.pinned} present" if self.pinned else ""
+            return f"ledger intact: {self.records} records, head {self.head}{pin} ({self.url})"
+        where = f"record {self.bad_seq}: " if self.bad_seq is not None else ""
+        return f"ledger NOT intact: {where}{self.problem} ({self.url})"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "ok": self.ok,
+            "records": self.records,
+            "head": self.head,
+            "head_seq": self.head_seq,
+            "head_hash": self.head_hash,
+            "bad_record": self.bad_seq,
+            "problem": self.problem,
+            "pinned": self.pinned,
+            "ledger": self.url,
+            "summary": self.summary(),
+        }
+
+
+# --------------------------------------------------------------------------- interface
+
+
+class Ledger(abc.ABC):
+    """Storage interface of the usage ledger (SQLite today, PostgreSQL for hubs later).
+
+    Backends implement ``_store`` (append prepared bodies atomically after the current head),
+    ``_select``/``count``/``head``/``aggregate``/``_chain``/``close``; chain building and
+    verification logic live here so that every backend hashes and checks alike.
+    """
+
+    url: str
+
+    # -- writing
+    def append(
+        self, kind: str, data: Mapping[str, Any], context: Mapping[str, Any] | None = None
+    ) -> dict[str, Any]:
+        """Record one event durably and return the stored record (with seq and hash)."""
+        return self.append_many([(kind, data, context)])[0]
+
+    def append_many(
+        self,
+        items: Iterable[tuple[str, Mapping[str, Any], Mapping[str, Any] | None]],
+    ) -> list[dict[str, Any]]:
+        """Record several events in one transaction: for bursts (imports at kernel start)."""
+        prepared = [self._prepare(kind, data, context) for kind, data, context in items]
+        if not prepared:
+            return []
+        return self._store(prepared)
+
+    @staticmethod
+    def _prepare(
+        kind: str, data: Mapping[str, Any], context: Mapping[str, Any] | None
+    ) -> dict[str, Any]:
+        if kind not in events.EVENT_KINDS:
+            raise LedgerError(
+                f"unknown event kind {kind!r}: use one of {', '.join(events.EVENT_KINDS)}"
+            )
+        if not isinstance(data, Mapping):
+            raise LedgerError(f"event data for {kind} must be a mapping, not {type(data).__name__}")
+        ctx = events.current_context()
+        if context:
+            ctx.update(context)
+        time = parse_time(ctx.pop("time", None)) or events.utc_now()
+        # Round-trip now so that what is hashed is exactly what readers will see.
+        data_clean = json.loads(canonical_json(dict(data)))
+        ctx_clean = json.loads(canonical_json(ctx))
+        return {"time": time, "kind": kind, "context": ctx_clean, "data": data_clean}
+
+    @staticmethod
+    def _chain(prepared: list[dict[str, Any]], seq: int, prev: str) -> list[dict[str, Any]]:
+        """Give prepared events their seq/prev/hash after the head (seq, prev)."""
+        out = []
+        for event in prepared:
+            seq += 1
+            body = canonical_json({"seq": seq, **event})
+            digest = record_hash(prev, body)
+            out.append({"seq": seq, **event, "prev": prev, "hash": digest, "_body": body})
+            prev = digest
+        return out
+
+    @abc.abstractmethod
+    def _store(self, prepared: list[dict[str, Any]]) -> list[dict[str, Any]]: ...
+
+    # -- reading
+    @abc.abstractmethod
+    def records(
+        self,
+        since: Any = None,
+        until: Any = None,
+        kinds: Iterable[str] | None = None,
+        notebook: str | None = None,
+        *,
+        offset: int = 0,
+        limit: int | None = None,
+        descending: bool = False,
+    ) -> Iterator[dict[str, Any]]:
+        """Records matching the filters, oldest first (``descending`` for newest first)."""
+
+    @abc.abstractmethod
+    def count(
+        self,
+        since: Any = None,
+        until: Any = None,
+        kinds: Iterable[str] | None = None,
+        notebook: str | None = None,
+    ) -> int:
+        """How many records match the filters."""
+
+    @abc.abstractmethod
+    def head(self) -> tuple[int, str]:
+        """``(seq, hash)`` of the newest record, ``(0, GENESIS)`` when empty."""
+
+    @abc.abstractmethod
+    def aggregate(self, since: Any = None, until: Any = None) -> list[dict[str, Any]]:
+        """Grouped usage for reports: kind, subject, detail, extra, host, platform, user,
+        kernel, notebook with first/last time and count."""
+
+    @abc.abstractmethod
+    def verify(self, head: str | None = None) -> VerifyResult:
+        """Walk the chain; ``head`` (``seq:hash`` or a hash) also detects truncation."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Release the storage connection."""
+
+    def __enter__(self) -> Ledger:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- shared helpers
+    @staticmethod
+    def _check_kinds(kinds: Iterable[str] | None) -> list[str] | None:
+        if kinds is None:
+            return None
+        out: list[str] = []
+        for item in kinds:
+            for kind in str(item).split(","):
+                kind = kind.strip()
+                if not kind:
+                    continue
+                if kind not in events.EVENT_KINDS:
+                    raise LedgerError(
+                        f"unknown event kind {kind!r}: use one of {', '.join(events.EVENT_KINDS)}"
+                    )
+                out.append(kind)
+        return out or None
+
+
+def _parse_pin(pin: str) -> tuple[int | None, str]:
+    text = pin.strip().lower()
+    seq: int | None = None
+    if ":" in text:
+        left, text = text.split(":", 1)
+        if not left.isdigit():
+            raise LedgerError(f"cannot read the pinned head {pin!r}: use SEQ:HASH as verify prints")
+        seq = int(left)
+    if not re.fullmatch(r"[0-9a-f]{12,64}", text):
+        raise LedgerError(
+            f"cannot read the pinned head {pin!r}: use SEQ:HASH (64 hex digits) as verify prints"
+        )
+    return seq, text
+
+
+# --------------------------------------------------------------------------- SQLite
+
+_RECORDS_SQL = """CREATE TABLE ledger_records (
+    seq INTEGER PRIMARY KEY,
+    prev TEXT NOT NULL,
+    hash TEXT NOT NULL,
+    body TEXT NOT NULL,
+    time TEXT GENERATED ALWAYS AS (json_extract(body, '$.time')) STORED,
+    kind TEXT GENERATED ALWAYS AS (json_extract(body, '$.kind')) STORED,
+    user TEXT GENERATED ALWAYS AS (json_extract(body, '$.context.user')) STORED,
+    host TEXT GENERATED ALWAYS AS (json_extract(body, '$.context.host')) STORED,
+    platform TEXT GENERATED ALWAYS AS (json_extract(body, '$.context.platform')) STORED,
+    kernel TEXT GENERATED ALWAYS AS (json_extract(body, '$.context.kernel_id')) STORED,
+    notebook TEXT GENERATED ALWAYS AS (json_extract(body, '$.context.notebook')) STORED,
+    subject TEXT GENERATED ALWAYS AS (CASE kind
+        WHEN 'ai_ml_import' THEN coalesce(json_extract(body, '$.data.distribution'),
+                                          json_extract(body, '$.data.name'))
+        WHEN 'egress_blocked' THEN json_extract(body, '$.data.host')
+        WHEN 'egress_allowed_ai' THEN json_extract(body, '$.data.host')
+        WHEN 'model_artifact_written' THEN json_extract(body, '$.data.path')
+        WHEN 'data_read' THEN json_extract(body, '$.data.path')
+        WHEN 'output_flagged' THEN json_extract(body, '$.data.rule')
+        WHEN 'review_signed' THEN json_extract(body, '$.data.reviewer')
+        WHEN 'kernel_started' THEN json_extract(body, '$.data.kernel_name')
+        END) STORED,
+    detail TEXT GENERATED ALWAYS AS (CASE kind
+        WHEN 'ai_ml_import' THEN json_extract(body, '$.data.version')
+        WHEN 'egress_blocked' THEN json_extract(body, '$.data.port')
+        WHEN 'egress_allowed_ai' THEN json_extract(body, '$.data.port')
+        WHEN 'model_artifact_written' THEN json_extract(body, '$.data.library')
+        WHEN 'data_read' THEN json_extract(body, '$.data.format')
+        WHEN 'review_signed' THEN json_extract(body, '$.data.notebook')
+        END) STORED,
+    extra TEXT GENERATED ALWAYS AS (CASE kind
+        WHEN 'ai_ml_import' THEN json_extract(body, '$.data.category')
+        WHEN 'egress_blocked' THEN json_extract(body, '$.data.rule')
+        WHEN 'egress_allowed_ai' THEN json_extract(body, '$.data.rule')
+        WHEN 'model_artifact_written' THEN json_extract(body, '$.data.size')
+        WHEN 'review_signed' THEN json_extract(body, '$.data.scope')
+        END) STORED
+)"""
+
+_SCHEMA = [
+    "CREATE TABLE ledger_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+    _RECORDS_SQL,
+    "CREATE INDEX ledger_records_report ON ledger_records "
+    "(kind, subject, detail, extra, host, platform, user, kernel, notebook, time)",
+    "CREATE INDEX ledger_records_time ON ledger_records (time)",
+    "CREATE INDEX ledger_records_notebook ON ledger_records (notebook)",
+]
+
+_AGG_COLUMNS = (
+    "kind", "subject", "detail", "extra", "host", "platform", "user", "kernel", "notebook",
+)  # fmt: skip
+
+
+def _norm_sql(sql: str | None) -> str:
+    return re.sub(r"\s+", " ", sql or "").strip()
+
+
+class SQLiteLedger(Ledger):
+    """One SQLite file in WAL mode; writers serialise with ``BEGIN IMMEDIATE``.
+
+    On POSIX an advisory lock on ``<file>.lock`` queues writers in the kernel, so that many
+    kernels appending at once wait in line instead of sleeping in SQLite's busy handler;
+    the busy timeout stays as the backstop. ``synchronous=NORMAL`` (the default) makes every
+    committed append survive a crash of the writing process (SIGKILL included);
+    ``?synchronous=full`` in the URL also survives power loss at the cost of one fsync each.
+    """
+
+    CHUNK = 20000
+
+    def __init__(self, path: str | os.PathLike[str], *, url: str | None = None,
+                 timeout: float = 30.0, synchronous: str = "normal",
+                 create: bool = True) -> None:  # fmt: skip
+        self.path = Path(path).expanduser().absolute()
+        self.url = url or f"sqlite:///{self.path}"
+        self.timeout = timeout
+        if synchronous.lower() not in ("off", "normal", "full", "extra"):
+            raise LedgerError(
+                f"unknown synchronous={synchronous!r} in ledger URL {self.url}: use normal or full"
+            )
+        self.synchronous = synchronous.upper()
+        self.create = create
+        self._lock = threading.RLock()
+        self._pid = os.getpid()
+        self._lockfile: int | None = None
+        self._conn_obj: sqlite3.Connection | None = None
+        self._connect()
+
+    # -- connection
+    def _fail(self, exc: BaseException, doing: str) -> LedgerError:
+        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if isinstance(exc, sqlite3.DatabaseError) and (
+            "malformed" in msg or "not a database" in msg or "encrypted" in msg
+        ):
+            return LedgerError(
+                f"ledger {self.path} is corrupt ({msg}): keep the file as evidence and restore "
+                "the ledger from a backup, or point --ledger / DUAGuard.ledger_url elsewhere"
+            )
+        if "readonly" in msg or "unable to open" in msg or isinstance(exc, PermissionError):
+            return LedgerError(
+                f"cannot {doing} ledger {self.path} ({msg}): make {self.path.parent} writable "
+                "or point --ledger / DUAGuard.ledger_url at a writable location"
+            )
+        if "locked" in msg or "busy" in msg:
+            return LedgerError(
+                f"ledger {self.path} stayed locked for {self.timeout:g} s ({msg}): "
+                "another process holds it; retry, or raise the timeout"
+            )
+        return LedgerError(f"cannot {doing} ledger {self.path}: {msg}")
+
+    def _connect(self) -> None:
+        path = self.path
+        if path.is_dir():
+            raise LedgerError(
+                f"ledger path {path} is a directory: point --ledger / DUAGuard.ledger_url at a "
+                "file such as sqlite:///" + str(path / "ledger.sqlite")
+            )
+        exists = path.exists() and path.stat().st_size > 0
+        if exists:
+            try:
+                with open(path, "rb") as fh:
+                    magic = fh.read(len(SQLITE_MAGIC))
+            except OSError as exc:
+                raise self._fail(exc, "read") from None
+            if magic != SQLITE_MAGIC:
+                raise LedgerError(
+                    f"{path} is not a jupyter-dua-guard ledger (not an SQLite database); it was "
+                    "left untouched: point --ledger / DUAGuard.ledger_url at a ledger file or a "
+                    "new path"
+                )
+        elif not self.create:
+            raise LedgerError(
+                f"no ledger at {path}: check --ledger / DUAGuard.ledger_url (the server creates "
+                "the ledger when it starts)"
+            )
+        else:
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise LedgerError(
+                    f"cannot create the ledger directory {path.parent} ({exc.strerror}): point "
+                    "--ledger / DUAGuard.ledger_url at a writable location"
+                ) from None
+            if not os.access(path.parent, os.W_OK):
+                raise LedgerError(
+                    f"cannot create ledger {path}: directory {path.parent} is not writable; make "
+                    "it writable or point --ledger / DUAGuard.ledger_url at a writable location"
+                )
+        try:
+            conn = sqlite3.connect(
+                str(path), timeout=self.timeout, isolation_level=None, check_same_thread=False
+            )
+        except sqlite3.Error as exc:
+            raise self._fail(exc, "open") from None
+        try:
+            conn.execute(f"PRAGMA busy_timeout = {int(self.timeout * 1000)}")
+            tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master")}
+            if tables and "ledger_meta" not in tables:
+                raise LedgerError(
+                    f"{path} is an SQLite database but not a jupyter-dua-guard ledger; it was "
+                    "left untouched: point --ledger / DUAGuard.ledger_url at a ledger file or a "
+                    "new path"
+                )
+            if not tables:
+                self._create(conn)
+            else:
+                self._check_meta(conn)
+            mode = conn.execute("PRAGMA journal_mode").fetchone()[0]
+            if mode.lower() != "wal":
+                conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute(f"PRAGMA synchronous = {self.synchronous}")
+        except LedgerError:
+            conn.close()
+            raise
+        except (sqlite3.Error, OSError) as exc:
+            conn.close()
+            raise self._fail(exc, "open") from None
+        self._conn_obj = conn
+        self._pid = os.getpid()
+        self._lockfile = None
+        if fcntl is not None:
+            try:
+                self._lockfile = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError:
+                self._lockfile = None  # read-only place: SQLite's busy timeout still serialises
+
+    def _create(self, conn: sqlite3.Connection) -> None:
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            if conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0] == 0:
+                for stmt in _SCHEMA:
+                    conn.execute(stmt)
+                conn.executemany(
+                    "INSERT INTO ledger_meta (key, value) VALUES (?, ?)",
+                    [
+                        ("format", LEDGER_FORMAT),
+                        ("version", LEDGER_VERSION),
+                        ("created", events.utc_now()),
+                        ("hash", "sha256(prev + '\\n' + canonical_json(body))"),
+                    ],
+                )
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        self._check_meta(conn)
+
+    def _check_meta(self, conn: sqlite3.Connection) -> None:
+        try:
+            meta = dict(conn.execute("SELECT key, value FROM ledger_meta"))
+        except sqlite3.DatabaseError as exc:
+            raise self._fail(exc, "read") from None
+        if meta.get("format") != LEDGER_FORMAT:
+            raise LedgerError(
+                f"{self.path} is an SQLite database but not a jupyter-dua-guard ledger; it was "
+                "left untouched: point --ledger / DUAGuard.ledger_url elsewhere"
+            )
+        if meta.get("version") != LEDGER_VERSION:
+            raise LedgerError(
+                f"ledger {self.path} has format version {meta.get('version')}, this "
+                f"jupyter-dua-guard reads version {LEDGER_VERSION}: upgrade jupyter-dua-guard"
+            )
+
+    @property
+    def _conn(self) -> sqlite3.Connection:
+        if self._conn_obj is None:
+            raise LedgerError(f"ledger {self.path} is closed: open it again with open_ledger()")
+        if os.getpid() != self._pid:
+            # Forked child: SQLite handles must not cross fork; leave the parent's alone.
+            self._connect()
+        assert self._conn_obj is not None
+        return self._conn_obj
+
+    def close(self) -> None:
+        with self._lock:
+            if self._conn_obj is not None and os.getpid() == self._pid:
+                self._conn_obj.close()
+            self._conn_obj = None
+            if self._lockfile is not None and os.getpid() == self._pid:
+                os.close(self._lockfile)
+            self._lockfile = None
+
+    # -- writing
+    def _store(self, prepared: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        with self._lock:
+            conn = self._conn
+            locked = False
+            try:
+                if self._lockfile is not None:
+                    fcntl.flock(self._lockfile, fcntl.LOCK_EX)
+                    locked = True
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    row = conn.execute(
+                        "SELECT seq, hash FROM ledger_records ORDER BY seq DESC LIMIT 1"
+                    ).fetchone()
+                    seq, prev = row if row else (0, GENESIS)
+                    chained = self._chain(prepared, seq, prev)
+                    conn.executemany(
+                        "INSERT INTO ledger_records (seq, prev, hash, body) VALUES (?, ?, ?, ?)",
+                        [(r["seq"], r["prev"], r["hash"], r.pop("_body")) for r in chained],
+                    )
+                    conn.execute("COMMIT")
+                except BaseException:
+                    if conn.in_transaction:
+                        conn.execute("ROLLBACK")
+                    raise
+            except sqlite3.Error as exc:
+                raise self._fail(exc, "write to") from None
+            finally:
+                if locked:
+                    fcntl.flock(self._lockfile, fcntl.LOCK_UN)
+        return chained
+
+    # -- reading
+    def _where(
+        self, since: Any, until: Any, kinds: Iterable[str] | None, notebook: str | None
+    ) -> tuple[str, list[Any]]:
+        clauses: list[str] = []
+        params: list[Any] = []
+        start = parse_time(since)
+        if start:
+            clauses.append("time >= ?")
+            params.append(start)
+        if until is not None and until != "":
+            is_date = isinstance(until, _dt.date) and not isinstance(until, _dt.datetime)
+            is_date = is_date or bool(re.fullmatch(r"\s*\d{4}-\d{2}-\d{2}\s*", str(until)))
+            clauses.append("time < ?" if is_date else "time <= ?")
+            params.append(parse_time(until, end=True))
+        kind_list = self._check_kinds(kinds)
+        if kind_list:
+            clauses.append(f"kind IN ({', '.join('?' * len(kind_list))})")
+            params.extend(kind_list)
+        if notebook:
+            if any(ch in notebook for ch in "*?["):
+                clauses.append("notebook GLOB ?")
+            else:
+                clauses.append("notebook = ?")
+            params.append(notebook)
+        return ("WHERE " + " AND ".join(clauses)) if clauses else "", params
+
+    @staticmethod
+    def _to_record(seq: int, prev: str, digest: str, body: str) -> dict[str, Any]:
+        try:
+            event = json.loads(body)
+            return {
+                "seq": seq,
+                "time": event["time"],
+                "kind": event["kind"],
+                "context": event["context"],
+                "data": event["data"],
+                "prev": prev,
+                "hash": digest,
+            }
+        except (ValueError, KeyError, TypeError):
+            raise LedgerError(
+                f"record {seq} is not a readable ledger event (tampered or corrupt): run "
+                "`jupyter dua-guard verify` for details"
+            ) from None
+
+    def records(
+        self,
+        since: Any = None,
+        until: Any = None,
+        kinds: Iterable[str] | None = None,
+        notebook: str | None = None,
+        *,
+        offset: int = 0,
+        limit: int | None = None,
+        descending: bool = False,
+    ) -> Iterator[dict[str, Any]]:
+        where, params = self._where(since, until, kinds, notebook)
+        order = "DESC" if descending else "ASC"
+        page = 1000
+        remaining = limit
+        last: int | None = None
+        while remaining is None or remaining > 0:
+            size = page if remaining is None else min(page, remaining)
+            clause, args = where, list(params)
+            if last is not None:
+                cmp = "<" if descending else ">"
+                clause = (clause + " AND " if clause else "WHERE ") + f"seq {cmp} ?"
+                args.append(last)
+            sql = (
+                f"SELECT seq, prev, hash, body FROM ledger_records {clause} "
+                f"ORDER BY seq {order} LIMIT ? OFFSET ?"
+            )
+            args += [size, offset if last is None else 0]
+            with self._lock:
+                try:
+                    rows = self._conn.execute(sql, args).fetchall()
+                except sqlite3.Error as exc:
+                    raise self._fail(exc, "read") from None
+            for row in rows:
+                yield self._to_record(*row)
+            if len(rows) < size:
+                return
+            last = rows[-1][0]
+            if remaining is not None:
+                remaining -= len(rows)
+
+    def count(
+        self,
+        since: Any = None,
+        until: Any = None,
+        kinds: Iterable[str] | None = None,
+        notebook: str | None = None,
+    ) -> int:
+        where, params = self._where(since, until, kinds, notebook)
+        with self._lock:
+            try:
+                return int(
+                    self._conn.execute(
+                        f"SELECT count(*) FROM ledger_records {where}", params
+                    ).fetchone()[0]
+                )
+            except sqlite3.Error as exc:
+                raise self._fail(exc, "read") from None
+
+    def head(self) -> tuple[int, str]:
+        with self._lock:
+            try:
+                row = self._conn.execute(
+                    "SELECT seq, hash FROM ledger_records ORDER BY seq DESC LIMIT 1"
+                ).fetchone()
+            except sqlite3.Error as exc:
+                raise self._fail(exc, "read") from None
+        return (int(row[0]), str(row[1])) if row else (0, GENESIS)
+
+    def aggregate(self, since: Any = None, until: Any = None) -> list[dict[str, Any]]:
+        where, params = self._where(since, until, None, None)
+        cols = ", ".join(_AGG_COLUMNS)
+        sql = (
+            f"SELECT {cols}, min(time), max(time), count(*) FROM ledger_records {where} "
+            f"GROUP BY {cols}"
+        )
+        with self._lock:
+            try:
+                rows = self._conn.execute(sql, params).fetchall()
+            except sqlite3.Error as exc:
+                raise self._fail(exc, "read") from None
+        out = []
+        for row in rows:
+            item = dict(zip(_AGG_COLUMNS, row[: len(_AGG_COLUMNS)], strict=True))
+            item["first"], item["last"], item["count"] = row[len(_AGG_COLUMNS) :]
+            out.append(item)
+        return out
+
+    # -- verification
+    def verify(self, head: str | None = None) -> VerifyResult:
+        pin = _parse_pin(head) if head else None
+        with self._lock:
+            try:
+                return self._verify(pin, head)
+            except sqlite3.Error as exc:
+                raise self._fail(exc, "verify") from None
+
+    def _result(self, ok: bool, records: int, head: tuple[int, str], **kw: Any) -> VerifyResult:
+        return VerifyResult(ok, records, head[0], head[1], url=self.url, **kw)
+
+    def _verify(self, pin: tuple[int | None, str] | None, pin_text: str | None) -> VerifyResult:
+        conn = self._conn
+        conn.execute("BEGIN")  # one consistent snapshot while writers go on
+        try:
+            sql = conn.execute(
+                "SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'ledger_records'"
+            ).fetchone()
+            total, top = conn.execute("SELECT count(*), max(seq) FROM ledger_records").fetchone()
+            head = self.head()
+            if sql is None or _norm_sql(sql[0]) != _norm_sql(_RECORDS_SQL):
+                return self._result(
+                    False, total or 0, head,
+                    problem="the records table was altered (its schema is not the ledger's)",
+                )  # fmt: skip
+            last_seq, last_hash = 0, GENESIS
+            while True:
+                row = conn.execute(
+                    "SELECT group_concat(m, char(30)), group_concat(hash, ''), "
+                    "group_concat(prev, ''), count(*), min(seq), max(seq) FROM "
+                    "(SELECT prev || char(10) || body AS m, hash, prev, seq FROM ledger_records "
+                    "WHERE seq > ? ORDER BY seq LIMIT ?)",
+                    (last_seq, self.CHUNK),
+                ).fetchone()
+                messages, hashes, prevs, n, lo, hi = row
+                if not n:
+                    break
+                good = (
+                    lo == last_seq + 1
+                    and hi == lo + n - 1
+                    and prevs == last_hash + hashes[:-64]
+                    and len(hashes) == 64 * n
+                )
+                if good:
+                    sha = hashlib.sha256
+                    parts = messages.encode().split(b"\x1e")
+                    good = len(parts) == n and "".join(
+                        [sha(p).hexdigest() for p in parts]
+                    ) == hashes
+                if not good:
+                    bad, problem = self._diagnose(conn, last_seq, last_hash)
+                    return self._result(False, total, head, bad_seq=bad, problem=problem)
+                last_seq, last_hash = hi, hashes[-64:]
+        finally:
+            conn.execute("COMMIT")
+        if pin is not None:
+            problem = self._check_pin(conn, pin, last_seq, last_hash)
+            if problem:
+                return self._result(False, total, head, bad_seq=problem[0], problem=problem[1])
+        return self._result(True, total or 0, head, pinned=pin_text)
+
+    def _check_pin(
+        self, conn: sqlite3.Connection, pin: tuple[int | None, str], last_seq: int, last_hash: str
+    ) -> tuple[int | None, str] | None:
+        seq, digest = pin
+        if seq is not None:
+            if seq > last_seq:
+                return (
+                    last_seq + 1,
+                    f"missing: the ledger ends at record {last_seq} but the pinned head is "
+                    f"record {seq} — records {last_seq + 1}..{seq} were removed (truncated)",
+                )
+            row = conn.execute("SELECT hash FROM ledger_records WHERE seq = ?", (seq,)).fetchone()
+            if row is None or not row[0].startswith(digest):
+                return (
+                    seq,
+                    f"its hash differs from the pinned head {digest[:16]}…: the ledger was "
+                    "rewritten from this record on",
+                )
+            return None
+        row = conn.execute(
+            "SELECT seq FROM ledger_records WHERE hash >= ? AND hash < ? LIMIT 1",
+            (digest, digest + "g"),
+        ).fetchone()
+        if row is None:
+            return (
+                last_seq + 1,
+                f"the pinned head {digest[:16]}… is not in the ledger, which ends at record "
+                f"{last_seq}: records after it were removed (truncated) or the chain rewritten",
+            )
+        return None
+
+    def _diagnose(self, conn: sqlite3.Connection, start: int, prev_hash: str) -> tuple[int, str]:
+        """Name the first bad record after ``start`` and say what is wrong with it (slow path)."""
+        rows = conn.execute(
+            "SELECT seq, prev, hash, body FROM ledger_records WHERE seq > ? ORDER BY seq",
+            (start,),
+        ).fetchall()
+
+        def body_seq(body: str) -> int | None:
+            try:
+                value = json.loads(body).get("seq")
+            except (ValueError, AttributeError):
+                return None
+            return value if isinstance(value, int) else None
+
+        expected, last_hash = start + 1, prev_hash
+        for i, (seq, prev, digest, body) in enumerate(rows):
+            if not isinstance(body, str) or not isinstance(prev, str):
+                return seq, "its content is not text (the record was edited)"
+            bseq = body_seq(body)
+            if record_hash(prev, body) != digest or bseq is None:
+                return (
+                    expected if bseq in (None, expected) else seq,
+                    "its content does not match its stored hash (the record was edited or forged)",
+                )
+            if bseq != expected:
+                later = [r[0] for r in rows[i + 1 :] if body_seq(r[3]) == expected]
+                if bseq > expected and later:
+                    return (
+                        expected,
+                        f"found record {bseq} in its place and record {expected} further on "
+                        f"(at position {later[0]}): rows were swapped or reordered",
+                    )
+                if bseq > expected:
+                    gone = f"{expected}" if bseq == expected + 1 else f"{expected}..{bseq - 1}"
+                    return (
+                        expected,
+                        f"missing: after record {expected - 1} comes record {bseq} — record "
+                        f"{gone} was deleted",
+                    )
+                if prev == (rows[i - 2][2] if i >= 2 else None) or bseq == expected - 1:
+                    return (
+                        expected - 1,
+                        f"was inserted: the original record {bseq} follows it and links to the "
+                        f"record before it",
+                    )
+                return (
+                    bseq,
+                    f"appears again at position {expected}: rows were reordered or copied",
+                )
+            if prev != last_hash:
+                if expected == 1:
+                    return 1, "does not start the chain (its prev is not the genesis hash)"
+                return (
+                    expected - 1,
+                    f"its hash is not the one record {expected} links to: record {expected - 1} "
+                    "was edited and re-hashed, or replaced by an inserted row",
+                )
+            if seq != expected:
+                return expected, f"is stored under number {seq} (rows were renumbered)"
+            expected, last_hash = expected + 1, digest
+        return expected, "the chain breaks here (unexpected layout): inspect the ledger"
+
+
+# --------------------------------------------------------------------------- opening
+
+
+def open_ledger(url: str | None = None, *, timeout: float = 30.0, create: bool = True) -> Ledger:
+    """Open (creating if new) the ledger at ``url``.
+
+    ``None`` uses ``$JUPYTER_DUA_GUARD_LEDGER``, else the default under the Jupyter data dir.
+    Accepted: ``sqlite:////abs/path.sqlite``, ``sqlite:///relative/path.sqlite``, a plain
+    file path; ``?synchronous=full`` trades speed for power-loss durability. ``create=False``
+    (readers such as ``verify``) refuses to make a new empty ledger at a mistyped path.
+    """
+    if url is None or url == "":
+        url = os.environ.get(events.ENV_LEDGER) or default_ledger_url()
+    url = str(url).strip()
+    if "://" not in url:
+        if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*:[^\\/]", url) and not re.match(r"^[A-Za-z]:", url):
+            raise LedgerError(
+                f"unknown ledger URL {url!r}: use sqlite:////absolute/path/ledger.sqlite"
+            )
+        return SQLiteLedger(os.path.expanduser(url), url=url, timeout=timeout, create=create)
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    if scheme in ("postgres", "postgresql"):
+        raise LedgerError(
+            f"ledger URL scheme {parts.scheme!r} is not supported yet (PostgreSQL backend "
+            "planned): use sqlite:////absolute/path/ledger.sqlite"
+        )
+    if scheme != "sqlite":
+        raise LedgerError(
+            f"unknown ledger URL scheme {parts.scheme!r} in {url!r}: use "
+            "sqlite:////absolute/path/ledger.sqlite"
+        )
+    if parts.netloc not in ("", "localhost"):
+        raise LedgerError(
+            f"ledger URL {url!r} names a host; SQLite ledgers are local files: use "
+            "sqlite:////absolute/path/ledger.sqlite"
+        )
+    raw = unquote(parts.path)
+    if not raw or raw == "/":
+        raise LedgerError(f"ledger URL {url!r} has no file path: use sqlite:////abs/ledger.sqlite")
+    # sqlite:///rel -> path "/rel" (relative); sqlite:////abs -> "//abs" (absolute)
+    path = raw[1:] if raw.startswith("/") else raw
+    query = parse_qs(parts.query)
+    unknown = set(query) - {"synchronous", "timeout"}
+    if unknown:
+        raise LedgerError(
+            f"unknown ledger URL option(s) {', '.join(sorted(unknown))} in {url!r}: "
+            "use synchronous=normal|full or timeout=SECONDS"
+        )
+    synchronous = query.get("synchronous", ["normal"])[0]
+    try:
+        timeout = float(query.get("timeout", [timeout])[0])
+    except ValueError:
+        raise LedgerError(f"ledger URL {url!r}: timeout must be a number of seconds") from None
+    return SQLiteLedger(
+        os.path.expanduser(path), url=url, timeout=timeout, synchronous=synchronous, create=create
+    )
