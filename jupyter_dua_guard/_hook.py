@@ -33,24 +33,23 @@ def make_recorder(
 ) -> Callable[[str, Mapping[str, Any]], None]:
     """``record(kind, data)`` writing to the ledger lazily, never raising.
 
-    One ledger connection per process and thread (SQLite connections must not cross
-    threads or forks); failures are reported once on stderr and otherwise swallowed,
-    because the user's code must not break because recording did.
+    One ledger per process (the ledger serialises threads itself). Failures are
+    reported once on stderr and otherwise swallowed: the user's code must not break
+    because recording did.
     """
-    import _thread
 
     warn = _warn_once_factory()
-    ledgers: dict[tuple[int, int], Any] = {}
+    ledgers: dict[int, Any] = {}  # per process: SQLite handles must not cross a fork
 
     def record(kind: str, data: Mapping[str, Any]) -> None:
         try:
-            key = (os.getpid(), _thread.get_ident())
-            ledger = ledgers.get(key)
+            pid = os.getpid()
+            ledger = ledgers.get(pid)
             if ledger is None:
-                ledger = ledgers[key] = open_ledger(ledger_url)
+                ledger = ledgers[pid] = open_ledger(ledger_url)
             ledger.append(kind, dict(data))
         except Exception as e:
-            ledgers.pop((os.getpid(), _thread.get_ident()), None)
+            ledgers.pop(os.getpid(), None)
             warn(
                 f"could not record a {kind!r} event in the ledger ({type(e).__name__}: {e}); "
                 "the guard keeps enforcing the policy. Tell your administrator."

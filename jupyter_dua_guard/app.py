@@ -41,7 +41,7 @@ class DUAGuardExtension(ExtensionApp):
 
     def ledger_url(self) -> str | None:
         """The ledger kernels write to (None: the ledger's own default location)."""
-        return os.environ.get("JUPYTER_DUA_GUARD_LEDGER") or None
+        return self.guard.ledger_url or os.environ.get("JUPYTER_DUA_GUARD_LEDGER") or None
 
     def _start_kernel_guard(self) -> None:
         """Write the kernels' policy, make the guard provisioner the default, guard us."""

@@ -34,6 +34,8 @@ ENV_KERNEL_ID = "JUPYTER_DUA_GUARD_KERNEL_ID"
 ENV_NOTEBOOK = "JUPYTER_DUA_GUARD_NOTEBOOK"
 GUARD_ENV_VARS = (ENV_POLICY, ENV_LEDGER, ENV_KERNEL_ID, ENV_NOTEBOOK)
 
+LEDGER_TIMEOUT = 10.0
+
 ADMIN_HINT = (
     "An administrator can approve a host with c.DUAGuard.allowed_hosts in "
     "jupyter_server_config (then restart the kernel)."
@@ -104,21 +106,35 @@ def _private_module(name: str) -> Any:
     The hook runs on these copies so that user code patching, reloading or deleting the
     public modules (or rebinding builtins) cannot change a running guard.
     """
-    import builtins
     import importlib.util
 
     spec = importlib.util.find_spec(name)
     if spec is None or spec.loader is None:
         raise ImportError(f"cannot find {name}")
+    return _exec_private(spec)
+
+
+def _exec_private(spec: Any) -> Any:
+    import builtins
+    import importlib.util
+
     module = importlib.util.module_from_spec(spec)
     module.__dict__["__builtins__"] = dict(builtins.__dict__)
-    spec.loader.exec_module(module)
+    # Registered under a private name only while it executes: dataclasses and typing look
+    # the defining module up in sys.modules.
+    private_name = f"_jupyter_dua_guard_private_{spec.name.rpartition('.')[2]}_{id(module)}"
+    code = spec.loader.get_code(spec.name)
+    module.__name__ = private_name
+    sys.modules[private_name] = module
+    try:
+        exec(code, module.__dict__)
+    finally:
+        sys.modules.pop(private_name, None)
     return module
 
 
 def _ledger_opener() -> Callable[[str | None], Any]:
     """``open_ledger`` of a private ledger copy, loaded on first use (spec found now)."""
-    import builtins
     import importlib.util
 
     spec = importlib.util.find_spec("jupyter_dua_guard.ledger")
@@ -128,11 +144,9 @@ def _ledger_opener() -> Callable[[str | None], Any]:
         if not loaded:
             if spec is None or spec.loader is None:
                 raise ImportError("jupyter_dua_guard.ledger is not installed")
-            module = importlib.util.module_from_spec(spec)
-            module.__dict__["__builtins__"] = dict(builtins.__dict__)
-            spec.loader.exec_module(module)
-            loaded.append(module.open_ledger)
-        return loaded[0](url)
+            loaded.append(_exec_private(spec).open_ledger)
+        # A bounded wait: a locked ledger must delay a kernel, never hang it.
+        return loaded[0](url, timeout=LEDGER_TIMEOUT)
 
     return open_ledger
 
@@ -216,11 +230,42 @@ def activate_from_environ() -> bool:
         return True
     except Exception as e:
         try:
+            _last_resort_hook()
             sys.stderr.write(
-                f"jupyter-dua-guard: guard start-up failed ({type(e).__name__}: {e}); "
-                "enforcing the built-in AI endpoint catalogue only.\n"
+                f"jupyter-dua-guard: guard start-up failed ({type(e).__name__}: {e}); only the "
+                "built-in AI endpoint catalogue is enforced and nothing is recorded.\n"
             )
-            install(load_policy(None), ledger_url=environ.get(ENV_LEDGER) or None)
         except Exception:
             pass
         return True
+
+
+def _last_resort_hook() -> None:
+    """Fail closed when the normal guard cannot start: refuse catalogued AI hosts, or, if
+    even the catalogue cannot be read, every non-loopback destination."""
+    try:
+        decide = load_policy(None).decide
+    except Exception:
+        decide = None
+    from .policy import is_loopback, normalize_host
+
+    def refuse(host: Any, port: Any) -> None:
+        if decide is not None:
+            decision, name, provider = decide(host, port)
+            if decision == "block":
+                raise AIEndpointBlocked(name, port, provider)
+            return
+        name = normalize_host(host)
+        if name and not is_loopback(name):
+            raise AIEndpointBlocked(name, port, "guard failed closed: catalogue unavailable")
+
+    def hook(event: str, args: tuple) -> None:
+        if event == "socket.getaddrinfo":
+            refuse(args[0], args[1])
+        elif event == "socket.gethostbyname":
+            refuse(args[0], None)
+        elif event in ("socket.connect", "socket.sendto") and type(args[1]) is tuple:
+            refuse(args[1][0], args[1][1])
+
+    sys.addaudithook(hook)
+    _status.update({"installed": True, "hook": "last-resort", "mode": "block"})
