@@ -124,7 +124,9 @@ async def test_ai_hosts_refused_before_dns_and_local_server_works(kernel, local_
 
 async def test_error_message_names_host_rule_and_fix(kernel) -> None:
     _, client = kernel
-    out, errors = await run_cell(client, "import socket\nsocket.getaddrinfo('API.OpenAI.com.', 443)")
+    out, errors = await run_cell(
+        client, "import socket\nsocket.getaddrinfo('API.OpenAI.com.', 443)"
+    )
     assert len(errors) == 1
     message = errors[0]
     assert message.startswith("AIEndpointBlocked: ")
@@ -212,7 +214,9 @@ async def test_ai_ml_imports_recorded_once_with_versions(kernel, ledger_url, tmp
     out, errors = await run_cell(client, code)
     assert not errors, errors
     assert out.strip() == "9.9.9"
-    imports = [r for r in records(ledger_url, "ai_ml_import") if r["data"]["name"] == "transformers"]
+    imports = [
+        r for r in records(ledger_url, "ai_ml_import") if r["data"]["name"] == "transformers"
+    ]
     assert len(imports) == 1, imports
     record = imports[0]
     assert record["data"]["distribution"] == "transformers"
@@ -226,9 +230,7 @@ async def test_ai_ml_imports_recorded_once_with_versions(kernel, ledger_url, tmp
     assert not names & {"seer_tables", "colorsys", "json"}
 
 
-async def test_refusals_artifacts_and_data_reads_recorded(
-    kernel, ledger_url, jp_root_dir
-) -> None:
+async def test_refusals_artifacts_and_data_reads_recorded(kernel, ledger_url, jp_root_dir) -> None:
     kernel_id, client = kernel
     code = textwrap.dedent(
         """

@@ -123,7 +123,9 @@ def test_hostset_rejects_bad_cidr() -> None:
 
 def test_catalogues_are_complete() -> None:
     endpoints = load_endpoint_catalogue()["endpoints"]
-    assert all(e["host"] and e["provider"] and e["source"].startswith("https://") for e in endpoints)
+    assert all(
+        e["host"] and e["provider"] and e["source"].startswith("https://") for e in endpoints
+    )
     providers = " ".join(e["provider"] for e in endpoints)
     for name in [
         "OpenAI",
@@ -188,9 +190,7 @@ def test_policy_file_cannot_drop_the_catalogue(tmp_path) -> None:
     assert "transformers" in loaded.packages
 
 
-@pytest.mark.parametrize(
-    "content", ["{not json", "[1, 2]", json.dumps({"mode": "off"}), None, ""]
-)
+@pytest.mark.parametrize("content", ["{not json", "[1, 2]", json.dumps({"mode": "off"}), None, ""])
 def test_fail_closed_on_bad_policy_file(tmp_path, content) -> None:
     path = tmp_path / "policy.json"
     if content is not None:
