@@ -9,11 +9,13 @@ imports the package; everything the handlers need is bound into closures at inst
 
 from __future__ import annotations
 
-import contextlib
 import os
 import sys
-from collections.abc import Callable, Mapping
-from typing import Any
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # annotations only: typing costs more than the guard at start-up
+    from collections.abc import Callable, Mapping
+    from typing import Any
 
 
 def _warn_once_factory() -> Callable[[str], None]:
@@ -22,8 +24,10 @@ def _warn_once_factory() -> Callable[[str], None]:
     def warn(message: str) -> None:
         if not warned:
             warned.append(True)
-            with contextlib.suppress(Exception):
+            try:  # noqa: SIM105 - contextlib costs start-up time in every guarded process
                 sys.stderr.write(f"jupyter-dua-guard: {message}\n")
+            except Exception:
+                pass
 
     return warn
 

@@ -23,10 +23,13 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Callable, Mapping
-from typing import Any
 
 from .policy import Policy, load_policy
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # annotations only: typing costs more than the guard at start-up
+    from collections.abc import Callable, Mapping
+    from typing import Any
 
 ENV_POLICY = "JUPYTER_DUA_GUARD_POLICY"
 ENV_LEDGER = "JUPYTER_DUA_GUARD_LEDGER"

@@ -18,12 +18,18 @@ Host patterns:
 from __future__ import annotations
 
 import _socket
-import contextlib
 import json
 import os
-import re
-from collections.abc import Iterable, Mapping
-from typing import Any
+
+# Annotation-only imports: this module loads in every guarded process at start-up, and
+# ``typing`` / ``collections.abc`` / ``re`` would cost more than the rest of the guard.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import re
+    from collections.abc import Iterable, Mapping
+    from typing import Any
+
+_Mapping = dict  # runtime checks: JSON and traitlets only ever give plain dicts
 
 POLICY_VERSION = 1
 MODES = ("block", "record")
@@ -103,8 +109,10 @@ def normalize_host(host: Any) -> str | None:
     if "%" in host and ":" in host:  # IPv6 zone id: fe80::1%eth0
         host = host.split("%", 1)[0]
     if host and not host.isascii():
-        with contextlib.suppress(UnicodeError):
+        try:  # noqa: SIM105 - contextlib costs start-up time in every guarded process
             host = host.encode("idna").decode("ascii")
+        except UnicodeError:
+            pass
     return host or None
 
 
@@ -149,27 +157,45 @@ def _parse_network(text: str) -> tuple[int, int, int] | None:
     return bits, value & mask, prefix
 
 
-def _glob_label_regex(pattern: str) -> str:
-    """Regex for a host pattern: leading ``*.`` = one or more labels, other ``*`` = in-label."""
-    prefix = ""
-    if pattern.startswith("*."):
-        prefix = r"(?:[^.]+\.)+"
-        pattern = pattern[2:]
-    body = r"[^.]*".join(re.escape(part) for part in pattern.split("*"))
-    return prefix + body
+def wildcard_match(pattern: str, text: str) -> bool:
+    """``*`` (any run) and ``?`` (one character) matching without ``re``."""
+    p = t = 0
+    star = -1
+    mark = 0
+    while t < len(text):
+        if p < len(pattern) and (pattern[p] == "?" or pattern[p] == text[t]):
+            p += 1
+            t += 1
+        elif p < len(pattern) and pattern[p] == "*":
+            star = p
+            mark = t
+            p += 1
+        elif star != -1:
+            p = star + 1
+            mark += 1
+            t = mark
+        else:
+            return False
+    while p < len(pattern) and pattern[p] == "*":
+        p += 1
+    return p == len(pattern)
 
 
 class HostSet:
-    """A compiled set of host patterns: exact names, wildcard patterns, IPs and CIDRs."""
+    """A compiled set of host patterns: exact names, wildcard patterns, IPs and CIDRs.
 
-    __slots__ = ("_exact", "_labels", "_networks", "_regex")
+    Label-wise matching without regular expressions (cheap to build at start-up): a
+    leading ``*.`` stands for one or more labels, any other ``*`` stays inside its label.
+    """
+
+    __slots__ = ("_exact", "_globs", "_networks", "_suffixes")
 
     def __init__(self, patterns: Mapping[str, str] | Iterable[str]) -> None:
         # patterns: pattern -> label (e.g. provider name) or plain iterable of patterns
-        items = patterns.items() if isinstance(patterns, Mapping) else ((p, "") for p in patterns)
+        items = patterns.items() if isinstance(patterns, _Mapping) else ((p, "") for p in patterns)
         exact: dict[str, str] = {}
-        regex_parts: list[str] = []
-        self._labels: list[str] = []
+        suffixes: dict[str, str] = {}
+        globs: list[tuple[tuple[str, ...], bool, str]] = []
         networks: list[tuple[int, int, int, str]] = []
         for raw, label in items:
             pattern = normalize_host(raw)
@@ -182,14 +208,20 @@ class HostSet:
                 )
             if net is not None:
                 networks.append((*net, label))
-            elif "*" in pattern:
-                regex_parts.append(f"(?P<g{len(self._labels)}>{_glob_label_regex(pattern)})")
-                self._labels.append(label)
+                continue
+            any_prefix = pattern.startswith("*.")
+            rest = pattern[2:] if any_prefix else pattern
+            if not rest or "*" not in rest:
+                if any_prefix:
+                    suffixes.setdefault(rest, label)
+                else:
+                    exact.setdefault(pattern, label)
             else:
-                exact.setdefault(pattern, label)
+                globs.append((tuple(reversed(rest.split("."))), any_prefix, label))
         self._exact = exact
+        self._suffixes = suffixes
+        self._globs = tuple(globs)
         self._networks = tuple(networks)
-        self._regex = re.compile(r"\A(?:" + "|".join(regex_parts) + r")\Z") if regex_parts else None
 
     def match(self, host: str) -> str | None:
         """Label of the first pattern matching the normalized ``host``, else None."""
@@ -203,10 +235,28 @@ class HostSet:
                 if net_bits == bits and (value >> (bits - prefix)) == (network >> (bits - prefix)):
                     return net_label
             return None
-        if self._regex is not None:
-            m = self._regex.match(host)
-            if m is not None:
-                return self._labels[int(m.lastgroup[1:])]
+        if self._suffixes:
+            dot = host.find(".")
+            while dot != -1:
+                label = self._suffixes.get(host[dot + 1 :])
+                if label is not None:
+                    return label
+                dot = host.find(".", dot + 1)
+        if self._globs:
+            labels = host.split(".")
+            labels.reverse()
+            for pattern, any_prefix, glob_label in self._globs:
+                n = len(pattern)
+                if len(labels) < n + any_prefix or (not any_prefix and len(labels) != n):
+                    continue
+                for i in range(n):
+                    part = pattern[i]
+                    if part != labels[i] and (
+                        "*" not in part or not wildcard_match(part, labels[i])
+                    ):
+                        break
+                else:
+                    return glob_label
         return None
 
 
@@ -261,11 +311,11 @@ class Policy:
         self.allowed = HostSet(_as_pattern_map(raw.get("allowed_hosts", []), "allowed_hosts"))
         self.model_servers = HostSet(_as_pattern_map(raw.get("model_servers", []), "model_servers"))
         ports = raw.get("local_model_ports", {})
-        if not isinstance(ports, Mapping):
+        if not isinstance(ports, _Mapping):
             raise PolicyError("local_model_ports must map port numbers to provider names")
         self.local_model_ports = {int(p): str(v) for p, v in ports.items()}
         packages = raw.get("packages", {})
-        if not isinstance(packages, Mapping):
+        if not isinstance(packages, _Mapping):
             raise PolicyError("packages must map import names to {distributions, category}")
         self.packages = {str(k): _package_entry(k, v) for k, v in packages.items()}
         self.data_patterns = tuple(str(p) for p in raw.get("data_paths", ()))
@@ -273,7 +323,7 @@ class Policy:
         self.model_artifact_patterns = tuple(
             str(p) for p in raw.get("model_artifact_patterns", DEFAULT_MODEL_ARTIFACT_PATTERNS)
         )
-        self.model_regex = compile_name_globs(self.model_artifact_patterns)
+        self.model_regex = NameGlobs(self.model_artifact_patterns)
 
     def decide(self, host: Any, port: Any = None) -> tuple[str, str, str]:
         """``(decision, normalized host, provider/reason)`` for a destination."""
@@ -310,12 +360,12 @@ def _port_number(port: Any) -> int | None:
 
 
 def _as_pattern_map(value: Any, field: str) -> dict[str, str]:
-    if isinstance(value, Mapping):
+    if isinstance(value, _Mapping):
         return {str(k): str(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         out: dict[str, str] = {}
         for item in value:
-            if isinstance(item, Mapping):
+            if isinstance(item, _Mapping):
                 out[str(item["host"])] = str(item.get("provider", ""))
             else:
                 out[str(item)] = ""
@@ -326,7 +376,7 @@ def _as_pattern_map(value: Any, field: str) -> dict[str, str]:
 def _package_entry(name: Any, value: Any) -> dict[str, Any]:
     if isinstance(value, str):
         return {"distributions": [value], "category": "other"}
-    if isinstance(value, Mapping):
+    if isinstance(value, _Mapping):
         dists = value.get("distributions", value.get("distribution", name))
         if isinstance(dists, str):
             dists = [dists]
@@ -356,7 +406,7 @@ def _glob_to_regex(pattern: str) -> str:
         elif c == "?":
             out.append(r"[^/]")
         else:
-            out.append(re.escape(c))
+            out.append("\\" + c if not c.isalnum() and c not in "_/" else c)
         i += 1
     return "".join(out)
 
@@ -368,13 +418,37 @@ def compile_path_globs(patterns: Iterable[str]) -> re.Pattern[str] | None:
         p = p.rstrip("/") or "/"
         rx = _glob_to_regex(p)
         parts.append(rx + r"(?:/.*)?")
-    return re.compile(r"\A(?:" + "|".join(parts) + r")\Z") if parts else None
+    if not parts:
+        return None
+    import re
+
+    return re.compile(r"\A(?:" + "|".join(parts) + r")\Z")
 
 
-def compile_name_globs(patterns: Iterable[str]) -> re.Pattern[str] | None:
-    """One case-insensitive regex for file-name globs."""
-    parts = [_glob_to_regex(p) for p in patterns]
-    return re.compile(r"\A(?:" + "|".join(parts) + r")\Z", re.IGNORECASE) if parts else None
+class NameGlobs:
+    """Case-insensitive file-name globs; ``*.ext`` patterns are a set lookup."""
+
+    __slots__ = ("_extensions", "_others")
+
+    def __init__(self, patterns: Iterable[str]) -> None:
+        extensions = set()
+        others = []
+        for p in patterns:
+            p = p.lower()
+            ext = p[2:]
+            if p.startswith("*.") and "*" not in ext and "?" not in ext and "." not in ext:
+                extensions.add(ext)
+            else:
+                others.append(p)
+        self._extensions = frozenset(extensions)
+        self._others = tuple(others)
+
+    def match(self, name: str) -> bool:
+        """Whether the file name ``name`` matches one of the globs."""
+        name = name.lower()
+        if name.rpartition(".")[2] in self._extensions and "." in name:
+            return True
+        return any(wildcard_match(p, name) for p in self._others)
 
 
 def builtin_policy_dict() -> dict[str, Any]:
