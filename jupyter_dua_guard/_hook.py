@@ -145,7 +145,9 @@ def make_handlers(
                 {
                     "host": name,
                     "port": port,
-                    "rule": f"AI endpoint catalogue: {provider}",
+                    "rule": "DUAGuard.blocked_hosts"
+                    if provider == "site block-list"
+                    else f"AI endpoint catalogue: {provider}",
                     "provider": provider,
                     "via": via,
                 },
@@ -185,6 +187,8 @@ def make_handlers(
         url = args[0]
         if isinstance(url, str):
             from urllib.parse import urlsplit
+
+            url = str.__str__(url)  # a str subclass must not run its own methods here
 
             try:
                 parts = urlsplit(url)

@@ -6,7 +6,7 @@ import os
 from typing import Any
 
 from jupyter_server.extension.application import ExtensionApp
-from traitlets import Instance
+from traitlets import Instance, TraitError
 
 from ._version import __version__
 from .config import DUAGuard
@@ -28,7 +28,16 @@ class DUAGuardExtension(ExtensionApp):
     guard = Instance(DUAGuard, allow_none=True, help="The active DUA guard settings.")
 
     def initialize_settings(self) -> None:
-        self.guard = DUAGuard(parent=self)
+        try:
+            self.guard = DUAGuard(parent=self)
+        except TraitError as e:
+            # Fail closed: a bad setting must not leave kernels unguarded.
+            self.log.error(
+                "jupyter-dua-guard: %s. Fix it in jupyter_server_config; until then the "
+                "guard runs on its built-in defaults.",
+                e,
+            )
+            self.guard = DUAGuard()
         state = "active" if self.guard.enabled else "OFF (DUAGuard.enabled=False)"
         self.log.info("jupyter-dua-guard %s: guard %s", __version__, state)
         if self.guard.enabled:

@@ -351,11 +351,13 @@ class Policy:
 
 
 def _port_number(port: Any) -> int | None:
-    if isinstance(port, (str, bytes)):
-        try:
-            return int(port)
-        except ValueError:
-            return None
+    try:
+        if isinstance(port, str):
+            return int(str.__str__(port))
+        if isinstance(port, bytes):
+            return int(b"" + port)
+    except ValueError:
+        return None
     return None
 
 

@@ -410,3 +410,38 @@ async def test_record_mode_lets_through_and_records(kernel, ledger_url) -> None:
     assert allowed and all(r["data"]["host"] == "127.0.0.3" for r in allowed)
     assert "record-only" in allowed[0]["data"]["rule"]
     assert not records(ledger_url, "egress_blocked")
+
+
+@pytest.mark.parametrize(
+    "guard_settings",
+    [{"blocked_hosts": ["127.0.0.3"], "allowed_hosts": ["127.0.0.3"], "model_servers": ["127.0.0.4"]}],
+)
+async def test_allow_list_beats_block_list_and_model_servers_are_recorded(
+    kernel, ledger_url
+) -> None:
+    approved, model_server = LocalServer("127.0.0.3"), LocalServer("127.0.0.4")
+    try:
+        _, client = kernel
+        code = (
+            "import urllib.request\n"
+            "opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))\n"
+            "for _ in range(3):\n"
+            f"    a = opener.open('http://127.0.0.3:{approved.port}/', timeout=10).read()\n"
+            f"    b = opener.open('http://127.0.0.4:{model_server.port}/', timeout=10).read()\n"
+            "print(a == b, len(a))"
+        )
+        out, errors = await run_cell(client, code)
+    finally:
+        approved.close()
+        model_server.close()
+    assert not errors, errors
+    assert out.split() == ["True", str(len(LocalServer.body))]
+    allowed = records(ledger_url, "egress_allowed_ai")
+    by_host = {(r["data"]["host"], r["data"]["port"]): r["data"]["rule"] for r in allowed}
+    # once per destination and kernel, however many requests
+    assert by_host == {
+        ("127.0.0.3", approved.port): "DUAGuard.allowed_hosts",
+        ("127.0.0.4", model_server.port): by_host[("127.0.0.4", model_server.port)],
+    }
+    assert "model server" in by_host[("127.0.0.4", model_server.port)]
+    assert not records(ledger_url, "egress_blocked")
