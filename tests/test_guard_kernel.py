@@ -414,7 +414,13 @@ async def test_record_mode_lets_through_and_records(kernel, ledger_url) -> None:
 
 @pytest.mark.parametrize(
     "guard_settings",
-    [{"blocked_hosts": ["127.0.0.3"], "allowed_hosts": ["127.0.0.3"], "model_servers": ["127.0.0.4"]}],
+    [
+        {
+            "blocked_hosts": ["127.0.0.3"],
+            "allowed_hosts": ["127.0.0.3"],
+            "model_servers": ["127.0.0.4"],
+        }
+    ],
 )
 async def test_allow_list_beats_block_list_and_model_servers_are_recorded(
     kernel, ledger_url
