@@ -22,8 +22,8 @@ class DUAGuardApp(JupyterApp):
         "Settings come from the same jupyter_server_config.py/json files as the server "
         "(c.DUAGuard.*) and from --DUAGuard.<setting>=... on the command line."
     )
-    classes = [DUAGuard]
-    subcommands: dict = {**LEDGER_SUBCOMMANDS, **GUARD_SUBCOMMANDS}
+    classes = [DUAGuard]  # noqa: RUF012
+    subcommands: dict = {**LEDGER_SUBCOMMANDS, **GUARD_SUBCOMMANDS}  # noqa: RUF012
 
     # Read the server's configuration files so that the command line sees the same settings.
     config_file_name = "jupyter_server_config"

@@ -63,11 +63,7 @@ def canonical_json(value: Any) -> str:
     """The one JSON text of a value that every writer and verifier agrees on."""
     try:
         return json.dumps(
-            value,
-            sort_keys=True,
-            separators=(",", ":"),
-            ensure_ascii=False,
-            allow_nan=False,
+            value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False,
             default=str,
         )
     except (TypeError, ValueError) as exc:
@@ -777,9 +773,9 @@ class SQLiteLedger(Ledger):
                 if good:
                     sha = hashlib.sha256
                     parts = messages.encode().split(b"\x1e")
-                    good = (
-                        len(parts) == n and "".join([sha(p).hexdigest() for p in parts]) == hashes
-                    )
+                    good = len(parts) == n and "".join(
+                        [sha(p).hexdigest() for p in parts]
+                    ) == hashes
                 if not good:
                     bad, problem = self._diagnose(conn, last_seq, last_hash)
                     return self._result(False, total, head, bad_seq=bad, problem=problem)

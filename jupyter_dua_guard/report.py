@@ -191,9 +191,7 @@ def build_report(
         "kernels_started": len(started),
         "notebooks": sorted(notebooks),
         "tools": [finish_sets(t) for _, t in sorted(tools.items(), key=lambda kv: kv[0].lower())],
-        "locations": [
-            finish_sets(v) for _, v in sorted(locations.items(), key=lambda kv: str(kv[0]))
-        ],
+        "locations": [finish_sets(v) for _, v in sorted(locations.items(), key=lambda kv: str(kv[0]))],
         "egress_blocked": [
             finish_sets(v) for _, v in sorted(egress[events.EGRESS_BLOCKED].items(), key=str)
         ],
@@ -296,9 +294,7 @@ def _table(headers: list[str], rows: list[list[Any]], empty: str) -> str:
         return f'<p class="none">{html.escape(empty)}</p>'
     head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
     body = "".join(
-        "<tr>"
-        + "".join(f"<td>{html.escape('' if c is None else str(c))}</td>" for c in r)
-        + "</tr>"
+        "<tr>" + "".join(f"<td>{html.escape('' if c is None else str(c))}</td>" for c in r) + "</tr>"
         for r in rows
     )
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
@@ -326,124 +322,61 @@ def render_html(report: dict[str, Any]) -> str:
         "</tbody></table>",
         "<h2>AI/ML tools used</h2>",
         _table(
-            [
-                "Tool",
-                "Versions seen",
-                "First use",
-                "Last use",
-                "Kernels",
-                "Notebooks",
-                "Locations of processing",
-                "Category",
-            ],
-            [
-                [
-                    t["tool"],
-                    ", ".join(v["version"] for v in t["versions"]),
-                    t["first"],
-                    t["last"],
-                    t["kernels"],
-                    t["notebooks"],
-                    "; ".join(t["locations"]),
-                    ", ".join(t["categories"]),
-                ]
-                for t in report["tools"]
-            ],
+            ["Tool", "Versions seen", "First use", "Last use", "Kernels", "Notebooks",
+             "Locations of processing", "Category"],
+            [[t["tool"], ", ".join(v["version"] for v in t["versions"]), t["first"], t["last"],
+              t["kernels"], t["notebooks"], "; ".join(t["locations"]), ", ".join(t["categories"])]
+             for t in report["tools"]],
             "No AI/ML tool was recorded in this period.",
         ),  # fmt: skip
         "<h2>Locations of processing</h2>",
         _table(
-            [
-                "Host",
-                "Platform",
-                "User",
-                "First event",
-                "Last event",
-                "Events",
-                "Kernels",
-                "Notebooks",
-            ],
-            [
-                [
-                    loc["host"],
-                    loc["platform"],
-                    loc["user"],
-                    loc["first"],
-                    loc["last"],
-                    loc["count"],
-                    loc["kernels"],
-                    loc["notebooks"],
-                ]
-                for loc in report["locations"]
-            ],
+            ["Host", "Platform", "User", "First event", "Last event", "Events", "Kernels",
+             "Notebooks"],
+            [[loc["host"], loc["platform"], loc["user"], loc["first"], loc["last"], loc["count"],
+              loc["kernels"], loc["notebooks"]] for loc in report["locations"]],
             "No events in this period.",
         ),  # fmt: skip
         "<h2>Blocked egress attempts</h2>",
         _table(
             ["Host", "Port", "Rule", "Attempts", "First", "Last", "Notebooks"],
-            [
-                [i["host"], i["port"], i["rule"], i["count"], i["first"], i["last"], i["notebooks"]]
-                for i in report["egress_blocked"]
-            ],
+            [[i["host"], i["port"], i["rule"], i["count"], i["first"], i["last"], i["notebooks"]]
+             for i in report["egress_blocked"]],
             "No connection was blocked in this period.",
         ),  # fmt: skip
         "<h2>AI service connections allowed by configuration</h2>",
         _table(
             ["Host", "Port", "Rule", "Connections", "First", "Last", "Notebooks"],
-            [
-                [i["host"], i["port"], i["rule"], i["count"], i["first"], i["last"], i["notebooks"]]
-                for i in report["egress_allowed_ai"]
-            ],
+            [[i["host"], i["port"], i["rule"], i["count"], i["first"], i["last"], i["notebooks"]]
+             for i in report["egress_allowed_ai"]],
             "No AI service connection was allowed in this period.",
         ),  # fmt: skip
         "<h2>Model artefacts written</h2>",
         _table(
             ["Path", "Library", "Size", "SHA-256", "Last written", "Host", "Status now"],
-            [
-                [
-                    a["path"],
-                    a["library"],
-                    a["size"],
-                    a["sha256"],
-                    a["last_written"],
-                    a["host"],
-                    a["status"],
-                ]
-                for a in report["model_artifacts"]
-            ],
+            [[a["path"], a["library"], a["size"], a["sha256"], a["last_written"], a["host"],
+              a["status"]] for a in report["model_artifacts"]],
             "No model artefact was recorded in this period.",
         ),  # fmt: skip
         "<h2>Outputs flagged</h2>",
         _table(
             ["Rule", "Count", "First", "Last", "Notebooks"],
-            [
-                [i["rule"], i["count"], i["first"], i["last"], i["notebooks"]]
-                for i in report["outputs_flagged"]
-            ],
+            [[i["rule"], i["count"], i["first"], i["last"], i["notebooks"]]
+             for i in report["outputs_flagged"]],
             "No output was flagged in this period.",
         ),  # fmt: skip
         "<h2>Reviews signed</h2>",
         _table(
             ["Time", "Reviewer", "Notebook", "Scope", "Statement"],
-            [
-                [
-                    r["time"],
-                    r.get("reviewer"),
-                    r.get("notebook"),
-                    r.get("scope"),
-                    r.get("statement"),
-                ]
-                for r in report["reviews"]
-            ],
+            [[r["time"], r.get("reviewer"), r.get("notebook"), r.get("scope"),
+              r.get("statement")] for r in report["reviews"]],
             "No review was signed in this period.",
         ),  # fmt: skip
         "<h2>Data files read</h2>",
         _table(
             ["Path", "Format", "Reads", "First", "Last"],
-            [
-                [i["path"], i["format"], i["count"], i["first"], i["last"]]
-                for i in report["data_read"]
-            ],
+            [[i["path"], i["format"], i["count"], i["first"], i["last"]]
+             for i in report["data_read"]],
             "No data read was recorded in this period.",
         ),  # fmt: skip
         "<h2>Verification</h2>",

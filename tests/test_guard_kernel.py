@@ -14,7 +14,6 @@ import textwrap
 from typing import Any
 
 import pytest
-
 from guard_kernels import LocalServer, last_json, run_cell, start_notebook_kernel
 
 NOTEBOOK = "study/survival-analysis.ipynb"
@@ -84,15 +83,17 @@ import asyncio, http.client, json, socket, sys, urllib.request
 seen = []
 sys.addaudithook(lambda e, a: seen.append(str(a[0])) if e == "socket.getaddrinfo" else None)
 results = {}
+def outcome(e):
+    return type(e).__name__ + ("|DUA" if "NCCR DUA sec. 22" in str(e) else "")
 def attempt(label, fn):
     try:
         fn()
         results[label] = "NO ERROR"
     except Exception as e:
-        results[label] = type(e).__name__ + ("|DUA" if "NCCR DUA sec. 22" in str(e) else "")
+        results[label] = outcome(e)
 for h in HOSTS:
     attempt("urlopen " + h, lambda: urllib.request.urlopen(f"https://{h}/v1/models", timeout=5))
-    attempt("http.client " + h, lambda: http.client.HTTPSConnection(h, timeout=5).request("GET", "/"))
+    attempt("http.client " + h, lambda: http.client.HTTPSConnection(h).request("GET", "/"))
     attempt("create_connection " + h, lambda: socket.create_connection((h, 443), timeout=5))
     attempt("getaddrinfo " + h, lambda: socket.getaddrinfo(h, 443))
     attempt("gethostbyname " + h, lambda: socket.gethostbyname(h))
@@ -100,7 +101,7 @@ for h in HOSTS:
         await asyncio.wait_for(asyncio.open_connection(h, 443), 10)
         results["asyncio " + h] = "NO ERROR"
     except Exception as e:
-        results["asyncio " + h] = type(e).__name__ + ("|DUA" if "NCCR DUA sec. 22" in str(e) else "")
+        results["asyncio " + h] = outcome(e)
 opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 local = opener.open(f"http://127.0.0.1:{PORT}/x", timeout=10).read().decode()
 print(json.dumps({"results": results, "seen": seen, "local": local}))
@@ -158,7 +159,7 @@ async def test_children_are_refused_the_same_way(kernel, ledger_url) -> None:
         f"""
         import json, multiprocessing, os, socket, subprocess, sys
         CHILD = {CHILD!r}
-        p = subprocess.run([sys.executable, "-c", CHILD], capture_output=True, text=True, timeout=120)
+        p = subprocess.run([sys.executable, "-c", CHILD], capture_output=True, text=True)
         print(p.stdout.strip() + " rc=" + str(p.returncode))
         ctx = multiprocessing.get_context("spawn")
         with ctx.Pool(1) as pool:
@@ -251,7 +252,7 @@ async def test_refusals_artifacts_and_data_reads_recorded(kernel, ledger_url, jp
         print("done")
         """
     )
-    out, errors = await run_cell(client, code)
+    _, errors = await run_cell(client, code)
     assert not errors, errors
     blocked = records(ledger_url, "egress_blocked")
     assert {(r["data"]["host"], r["data"]["port"]) for r in blocked} == {
@@ -325,10 +326,17 @@ for name in list(sys.modules):
 g.activate_from_environ()
 attempt("still blocked", lambda: socket.getaddrinfo("api.openai.com", 443))
 clean = {k: v for k, v in os.environ.items() if not k.startswith("JUPYTER_DUA_GUARD")}
-code = "import socket\\ntry:\\n socket.getaddrinfo('api.openai.com', 443)\\n print('open')\\nexcept PermissionError:\\n print('refused')"
-result["child clean env"] = subprocess.run([sys.executable, "-c", code], env=clean, capture_output=True, text=True).stdout.strip()
-result["child empty env"] = subprocess.run([sys.executable, "-c", code], env={}, capture_output=True, text=True).stdout.strip()
-result["env intact"] = all(os.environ.get(k) for k in ("JUPYTER_DUA_GUARD_POLICY", "JUPYTER_DUA_GUARD_KERNEL_ID"))
+code = (
+    "import socket\\ntry:\\n socket.getaddrinfo('api.openai.com', 443)\\n print('open')\\n"
+    "except PermissionError:\\n print('refused')"
+)
+def child(env):
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    return proc.stdout.strip()
+result["child clean env"] = child(clean)
+result["child empty env"] = child({})
+names = ("JUPYTER_DUA_GUARD_POLICY", "JUPYTER_DUA_GUARD_KERNEL_ID")
+result["env intact"] = all(os.environ.get(k) for k in names)
 print(json.dumps(result))
 """
 
@@ -367,7 +375,8 @@ async def test_kernel_env_and_default_provisioner(kernel, jp_serverapp, ledger_u
     assert env["JUPYTER_DUA_GUARD_KERNEL_ID"] == kernel_id
     assert env["JUPYTER_DUA_GUARD_LEDGER"] == ledger_url
     assert env["JUPYTER_DUA_GUARD_NOTEBOOK"].endswith(NOTEBOOK)
-    policy = json.loads(open(env["JUPYTER_DUA_GUARD_POLICY"]).read())
+    with open(env["JUPYTER_DUA_GUARD_POLICY"]) as f:
+        policy = json.load(f)
     assert policy["mode"] == "block"
     assert "127.0.0.3" in policy["blocked_hosts"]
     # the server process guards itself too

@@ -77,9 +77,15 @@ def test_corrupt_policy_fails_closed(tmp_path) -> None:
 def test_unusable_ledger_never_breaks_user_code(tmp_path) -> None:
     (tmp_path / "not-a-ledger.sqlite").write_text("plain text, not SQLite")
     url = f"sqlite:///{tmp_path}/not-a-ledger.sqlite"
-    code = (
-        PROBE
-        + "\nimport socket\nfor _ in range(3):\n    try:\n        socket.getaddrinfo('api.openai.com', 1)\n    except PermissionError:\n        pass\nprint('STILL RUNNING')"
+    code = PROBE + textwrap.dedent(
+        """
+        for _ in range(3):
+            try:
+                socket.getaddrinfo("api.openai.com", 1)
+            except PermissionError:
+                pass
+        print("STILL RUNNING")
+        """
     )
     proc = run_python(
         code, JUPYTER_DUA_GUARD_POLICY=str(tmp_path / "none.json"), JUPYTER_DUA_GUARD_LEDGER=url
