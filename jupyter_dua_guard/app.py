@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import os
+import threading
 from typing import Any
 
 from jupyter_server.extension.application import ExtensionApp
-from traitlets import Instance, TraitError
 
 from ._version import __version__
-from .config import DUAGuard
-from .handlers import StatusHandler
+from .config import DUAGuard, SettingsError
+from .events import KERNEL_STARTED, SCHEMA_ID, SCHEMA_PATH
+from .handlers import EventsHandler, StatusHandler
+from .ledger import Ledger, LedgerError, open_ledger
 
 API_PREFIX = "/dua-guard/api"
 
@@ -25,32 +29,29 @@ class DUAGuardExtension(ExtensionApp):
     version = __version__
     load_other_extensions = True
 
-    guard = Instance(DUAGuard, allow_none=True, help="The active DUA guard settings.")
+    guard: DUAGuard
+
+    _ledger: Ledger | None = None
+    _ledger_lock = threading.Lock()
 
     def initialize_settings(self) -> None:
         try:
-            self.guard = DUAGuard(parent=self)
-        except TraitError as e:
-            # Fail closed: a bad setting must not leave kernels unguarded.
-            self.log.error(
-                "jupyter-dua-guard: %s. Fix it in jupyter_server_config; until then the "
-                "guard runs on its built-in defaults.",
-                e,
-            )
-            self.guard = DUAGuard()
+            self.guard = DUAGuard.load(self)
+        except SettingsError as error:
+            # Fail closed: a server whose guard settings cannot be read must not start unguarded.
+            self.log.critical(str(error))
+            raise SystemExit(str(error)) from None
         state = "active" if self.guard.enabled else "OFF (DUAGuard.enabled=False)"
         self.log.info("jupyter-dua-guard %s: guard %s", __version__, state)
+        try:
+            self.ledger()
+            self.log.info("jupyter-dua-guard: usage ledger at %s", self.guard.ledger_url)
+        except LedgerError as exc:
+            self.log.error("jupyter-dua-guard: usage ledger unavailable: %s", exc)
+        self._register_event_schema()
+        self._watch_kernel_starts()
         if self.guard.enabled:
             self._start_kernel_guard()
-
-    def initialize_handlers(self) -> None:
-        self.handlers.extend([(f"{API_PREFIX}/status", StatusHandler)])
-
-    # ------------------------------------------------------------------ kernel guard
-
-    def ledger_url(self) -> str | None:
-        """The ledger kernels write to (None: the ledger's own default location)."""
-        return self.guard.ledger_url or os.environ.get("JUPYTER_DUA_GUARD_LEDGER") or None
 
     def _start_kernel_guard(self) -> None:
         """Write the kernels' policy, make the guard provisioner the default, guard us."""
@@ -85,14 +86,14 @@ class DUAGuardExtension(ExtensionApp):
         path = write_policy(
             policy_doc, os.path.join(runtime_dir, f"jupyter_dua_guard_policy-{os.getpid()}.json")
         )
-        ledger_url = self.ledger_url()
+        ledger_url = self.guard.ledger_url or None
         register_server_settings(
             self.serverapp,
             {
                 "policy_path": path,
                 "ledger_url": ledger_url,
                 "mode": policy.mode,
-                "recorder": self._make_server_recorder(ledger_url),
+                "root_dir": os.path.abspath(os.path.expanduser(self.serverapp.root_dir)),
             },
         )
         factory = KernelProvisionerFactory.instance(parent=self.serverapp)
@@ -112,29 +113,97 @@ class DUAGuardExtension(ExtensionApp):
             )
             self.log.info("jupyter-dua-guard: server process guarded (%s hook)", _server_guard)
 
-    def _make_server_recorder(self, ledger_url: str | None) -> Any:
-        """``record(kind, data, kernel_id=, notebook=)`` for events the server sees."""
-        log = self.log
+    def _register_event_schema(self) -> None:
+        """Let jupyter_events listeners see the ledger's records as they are written."""
+        logger = getattr(self.serverapp, "event_logger", None)
+        if logger is None:
+            return
+        try:
+            logger.register_event_schema(SCHEMA_PATH)
+        except Exception as exc:  # a listener is a nicety; the ledger is the record
+            self.log.warning("jupyter-dua-guard: event schema not registered: %s", exc)
 
-        def record(
-            kind: str,
-            data: dict[str, Any],
-            kernel_id: str | None = None,
-            notebook: str | None = None,
-        ) -> None:
+    def initialize_handlers(self) -> None:
+        self.handlers.extend(
+            [
+                (f"{API_PREFIX}/status", StatusHandler),
+                (f"{API_PREFIX}/events", EventsHandler),
+            ]
+        )
+
+    def ledger(self) -> Ledger:
+        """The server's ledger connection, opened on first use (raises ``LedgerError``)."""
+        with self._ledger_lock:
+            if self._ledger is None:
+                self._ledger = open_ledger(self.guard.ledger_url)
+            return self._ledger
+
+    async def stop_extension(self) -> None:
+        with self._ledger_lock:
+            if self._ledger is not None:
+                self._ledger.close()
+                self._ledger = None
+
+    # -- kernel_started
+    def _watch_kernel_starts(self) -> None:
+        """Record every new kernel, however it is started (kernels API, sessions API).
+
+        The kernel manager's ``start_kernel`` is the one place that sees both the new kernel
+        id and the notebook path, so it is wrapped on this server's instance; the kernel-side
+        guard records what happens inside the kernel.
+        """
+        km = getattr(self.serverapp, "kernel_manager", None)
+        if km is None or getattr(km.start_kernel, "_dua_guard_wrapped", False):
+            return
+        original = km.start_kernel
+        extension = self
+
+        async def start_kernel(*args: Any, **kwargs: Any) -> str:
+            requested = kwargs.get("kernel_id")
+            is_new = requested is None or requested not in km
+            result = original(*args, **kwargs)
+            kernel_id = await result if inspect.isawaitable(result) else result
+            if is_new:
+                await extension._record_kernel_started(km, kernel_id, kwargs)
+            return kernel_id
+
+        start_kernel._dua_guard_wrapped = True  # type: ignore[attr-defined]
+        km.start_kernel = start_kernel
+
+    @staticmethod
+    def _notebook_path(km: Any, kwargs: dict) -> str | None:
+        """The notebook's API path: sessions pass its directory as ``path`` and the notebook
+        itself as ``JPY_SESSION_NAME`` (an OS path under the server root)."""
+        env = kwargs.get("env") or {}
+        name = env.get("JPY_SESSION_NAME") or kwargs.get("path") or None
+        if name and os.path.isabs(name):
+            root = os.path.abspath(getattr(km, "root_dir", "") or os.getcwd())
+            rel = os.path.relpath(name, root)
+            if not rel.startswith(".."):
+                name = rel.replace(os.sep, "/")
+        return name
+
+    async def _record_kernel_started(self, km: Any, kernel_id: str, kwargs: dict) -> None:
+        if not self.guard.enabled:
+            return
+        notebook = self._notebook_path(km, kwargs)
+        try:
+            kernel_name = km.get_kernel(kernel_id).kernel_name
+        except Exception:
+            kernel_name = kwargs.get("kernel_name")
+        data = {"kernel_id": kernel_id, "kernel_name": kernel_name, "notebook": notebook}
+        context = {"kernel_id": kernel_id, "notebook": notebook}
+        try:
+            ledger = self.ledger()
+            record = await asyncio.get_running_loop().run_in_executor(
+                None, ledger.append, KERNEL_STARTED, data, context
+            )
+        except LedgerError as exc:
+            self.log.error("jupyter-dua-guard: could not record kernel %s: %s", kernel_id, exc)
+            return
+        logger = getattr(self.serverapp, "event_logger", None)
+        if logger is not None and SCHEMA_ID in logger.schemas.schema_ids:
             try:
-                from .events import current_context
-                from .ledger import open_ledger
-
-                context = current_context()
-                context["kernel_id"] = kernel_id
-                context["notebook"] = notebook
-                ledger = open_ledger(ledger_url)
-                try:
-                    ledger.append(kind, data, context)
-                finally:
-                    ledger.close()
-            except Exception as e:
-                log.warning("jupyter-dua-guard: could not record %s: %s", kind, e)
-
-        return record
+                logger.emit(schema_id=SCHEMA_ID, data=record)
+            except Exception as exc:
+                self.log.warning("jupyter-dua-guard: event not emitted: %s", exc)

@@ -7,7 +7,7 @@ from jupyter_core.application import JupyterApp
 from ._version import __version__
 from .cli_guard import SUBCOMMANDS as GUARD_SUBCOMMANDS
 from .cli_ledger import SUBCOMMANDS as LEDGER_SUBCOMMANDS
-from .config import DUAGuard
+from .config import DUAGuard, SettingsError
 
 
 class DUAGuardApp(JupyterApp):
@@ -22,11 +22,24 @@ class DUAGuardApp(JupyterApp):
         "Settings come from the same jupyter_server_config.py/json files as the server "
         "(c.DUAGuard.*) and from --DUAGuard.<setting>=... on the command line."
     )
-    classes = [DUAGuard]  # noqa: RUF012
-    subcommands: dict = {**LEDGER_SUBCOMMANDS, **GUARD_SUBCOMMANDS}  # noqa: RUF012
+    classes = [DUAGuard]
+    subcommands: dict = {**LEDGER_SUBCOMMANDS, **GUARD_SUBCOMMANDS}
+    guard: DUAGuard
 
     # Read the server's configuration files so that the command line sees the same settings.
     config_file_name = "jupyter_server_config"
+
+    def initialize(self, argv: list[str] | None = None) -> None:
+        super().initialize(argv)
+        try:
+            self.guard = DUAGuard.load(self)
+        except SettingsError as error:
+            self.exit_with_error(str(error))
+
+    def exit_with_error(self, message: str, code: int = 2) -> None:
+        """Stop with one line on stderr: the problem and its fix, never a traceback."""
+        print(message, file=sys.stderr)
+        self.exit(code)
 
     def start(self) -> None:
         if self.subapp is not None:

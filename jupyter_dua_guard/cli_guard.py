@@ -33,9 +33,9 @@ class CheckHostApp(JupyterApp):
     )
     version = __version__
     config_file_name = "jupyter_server_config"
-    classes = [DUAGuard]  # noqa: RUF012
+    classes = [DUAGuard]
     as_json = Bool(False, help="Print one JSON object per destination.").tag(config=True)
-    flags = {"json": ({"CheckHostApp": {"as_json": True}}, "Print JSON lines.")}  # noqa: RUF012
+    flags = {"json": ({"CheckHostApp": {"as_json": True}}, "Print JSON lines.")}
 
     def start(self) -> None:
         if not self.extra_args:

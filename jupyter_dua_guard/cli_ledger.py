@@ -10,11 +10,12 @@ from __future__ import annotations
 import json
 import os
 import sys
+
 from jupyter_core.application import JupyterApp
-from traitlets import Bool, Enum, List, Unicode
+from traitlets import Bool, List, Unicode
 
 from ._version import __version__
-from .config import DUAGuard
+from .config import DUAGuard, SettingsError
 from .events import EVENT_KINDS
 from .ledger import Ledger, LedgerError, open_ledger
 
@@ -32,7 +33,10 @@ class LedgerCommand(JupyterApp):
     command = "ledger"
 
     def open(self) -> Ledger:
-        guard = DUAGuard(parent=self)
+        try:
+            guard = DUAGuard.load(self)
+        except SettingsError as error:
+            raise LedgerError(str(error)) from None
         return open_ledger(guard.ledger_url, create=False)
 
     def run(self) -> int:  # pragma: no cover - overridden
@@ -163,7 +167,7 @@ class ReportApp(_Filtered):
         "use, kernels, notebooks, locations of processing, blocked egress, model artefacts "
         "(present or gone), reviews, and the verification result with the head hash."
     )
-    format = Enum(["html", "csv", "json"], "html", help="Output format.").tag(config=True)
+    format = Unicode("html", help="Output format: html, csv or json.").tag(config=True)
     output = Unicode("", help="Write to this file instead of stdout.").tag(config=True)
     head = Unicode("", help="Pinned head SEQ:HASH from an earlier report.").tag(config=True)
     aliases = {
@@ -179,6 +183,8 @@ class ReportApp(_Filtered):
     def run(self) -> int:
         from .report import RENDERERS, build_report
 
+        if self.format not in RENDERERS:
+            raise LedgerError(f"unknown --format {self.format!r}: use html, csv or json")
         with self.open() as ledger:
             report = build_report(
                 ledger, self.since or None, self.until or None, head=self.head or None

@@ -1,9 +1,9 @@
 """The one place where every jupyter-dua-guard setting lives.
 
 ``DUAGuard`` is a plain traitlets ``Configurable`` so that the server extension, the
-``jupyter dua-guard`` command line and (later) the kernel-side guard read the same
-``c.DUAGuard.*`` settings from ``jupyter_server_config.py/json`` or ``--DUAGuard.x=...``
-without importing the Jupyter server.
+``jupyter dua-guard`` command line and the kernel-side guard read the same ``c.DUAGuard.*``
+settings from ``jupyter_server_config.py/json`` or ``--DUAGuard.x=...`` without importing
+the Jupyter server.
 """
 
 import os
@@ -13,6 +13,10 @@ from traitlets import Bool, Dict, Enum, List, TraitError, Unicode, default, vali
 from traitlets.config import Configurable
 
 from .policy import DEFAULT_MODEL_ARTIFACT_PATTERNS, HostSet, PolicyError
+
+
+class SettingsError(ValueError):
+    """A ``DUAGuard`` setting that cannot be used; the message names it and the fix."""
 
 
 class DUAGuard(Configurable):
@@ -41,6 +45,18 @@ class DUAGuard(Configurable):
         from .ledger import default_ledger_url
 
         return os.environ.get(ENV_LEDGER) or default_ledger_url()
+
+    @classmethod
+    def load(cls, parent: Configurable) -> "DUAGuard":
+        """Read the settings from ``parent``'s configuration, or raise ``SettingsError``."""
+        try:
+            return cls(parent=parent)
+        except TraitError as error:
+            raise SettingsError(
+                f"jupyter-dua-guard: invalid DUAGuard setting: {error} Fix it in "
+                "jupyter_server_config.py/json or on the command line "
+                "(`jupyter dua-guard --help-all` lists every setting)."
+            ) from None
 
     mode = Enum(
         ["block", "record"],

@@ -15,11 +15,12 @@ stdlib only: every guarded kernel imports it.
 from __future__ import annotations
 
 import abc
+import contextlib
 import datetime as _dt
-import fnmatch
 import hashlib
 import json
 import os
+import queue
 import re
 import sqlite3
 import threading
@@ -52,7 +53,10 @@ LEDGER_FORMAT = "jupyter-dua-guard-ledger"
 LEDGER_VERSION = "1"
 GENESIS = "0" * 64
 SQLITE_MAGIC = b"SQLite format 3\x00"
-_HEX64 = re.compile(r"[0-9a-f]{64}")
+_CANON_TIME = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{6}Z")
+
+
+_INHERITED: list[Any] = []
 
 
 class LedgerError(Exception):
@@ -63,7 +67,11 @@ def canonical_json(value: Any) -> str:
     """The one JSON text of a value that every writer and verifier agrees on."""
     try:
         return json.dumps(
-            value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False,
+            value,
+            sort_keys=True,
+            separators=(",", ":"),
+            ensure_ascii=False,
+            allow_nan=False,
             default=str,
         )
     except (TypeError, ValueError) as exc:
@@ -145,6 +153,19 @@ class VerifyResult:
         """The head as ``seq:hash``, the form ``verify --head`` accepts."""
         return f"{self.head_seq}:{self.head_hash}"
 
+    @property
+    def first_bad(self) -> int | None:
+        """Sequence number of the first bad record (``None`` when intact)."""
+        return self.bad_seq
+
+    @property
+    def message(self) -> str:
+        """The one-line summary, as ``verify`` prints it."""
+        return self.summary()
+
+    def __bool__(self) -> bool:
+        return self.ok
+
     def summary(self) -> str:
         """One line for people: intact with the head, or the first bad record and why."""
         if self.ok:
@@ -174,9 +195,9 @@ class VerifyResult:
 class Ledger(abc.ABC):
     """Storage interface of the usage ledger (SQLite today, PostgreSQL for hubs later).
 
-    Backends implement ``_store`` (append prepared bodies atomically after the current head),
-    ``_select``/``count``/``head``/``aggregate``/``_chain``/``close``; chain building and
-    verification logic live here so that every backend hashes and checks alike.
+    Backends implement ``_store`` (chain prepared events after the current head in one
+    transaction), ``records``/``count``/``head``/``aggregate``/``verify``/``close``; event
+    preparation and chaining live here so that every backend hashes alike.
     """
 
     url: str
@@ -211,26 +232,34 @@ class Ledger(abc.ABC):
         ctx = events.current_context()
         if context:
             ctx.update(context)
-        time = parse_time(ctx.pop("time", None)) or events.utc_now()
-        # Round-trip now so that what is hashed is exactly what readers will see.
-        data_clean = json.loads(canonical_json(dict(data)))
-        ctx_clean = json.loads(canonical_json(ctx))
-        return {"time": time, "kind": kind, "context": ctx_clean, "data": data_clean}
+        time = ctx.pop("time", None)
+        if not (isinstance(time, str) and _CANON_TIME.fullmatch(time)):
+            time = parse_time(time) or events.utc_now()
+        # Serialise before taking the write lock: sorted keys put context, data, kind first,
+        # so only ',"seq":N,"time":"..."}' is left to add once the sequence number is known.
+        head = canonical_json({"context": ctx, "data": dict(data), "kind": kind})[:-1]
+        return {"head": head, "time": time}
 
     @staticmethod
-    def _chain(prepared: list[dict[str, Any]], seq: int, prev: str) -> list[dict[str, Any]]:
-        """Give prepared events their seq/prev/hash after the head (seq, prev)."""
-        out = []
+    def _chain(prepared: list[dict[str, Any]], seq: int, prev: str) -> list[tuple]:
+        """Give prepared events seq/prev/hash after the head (seq, prev): cheap, under lock."""
+        rows = []
         for event in prepared:
             seq += 1
-            body = canonical_json({"seq": seq, **event})
+            body = f'{event["head"]},"seq":{seq},"time":"{event["time"]}"}}'
             digest = record_hash(prev, body)
-            out.append({"seq": seq, **event, "prev": prev, "hash": digest, "_body": body})
+            rows.append((seq, prev, digest, body))
             prev = digest
-        return out
+        return rows
+
+    @staticmethod
+    def _stored(rows: list[tuple]) -> list[dict[str, Any]]:
+        """The records exactly as readers will see them (JSON types, str() of odd values)."""
+        return [{**json.loads(body), "prev": prev, "hash": h} for _, prev, h, body in rows]
 
     @abc.abstractmethod
-    def _store(self, prepared: list[dict[str, Any]]) -> list[dict[str, Any]]: ...
+    def _store(self, prepared: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Chain ``prepared`` after the current head atomically; return the stored records."""
 
     # -- reading
     @abc.abstractmethod
@@ -262,9 +291,14 @@ class Ledger(abc.ABC):
         """``(seq, hash)`` of the newest record, ``(0, GENESIS)`` when empty."""
 
     @abc.abstractmethod
-    def aggregate(self, since: Any = None, until: Any = None) -> list[dict[str, Any]]:
-        """Grouped usage for reports: kind, subject, detail, extra, host, platform, user,
-        kernel, notebook with first/last time and count."""
+    def aggregate(self, since: Any = None, until: Any = None) -> dict[str, Any]:
+        """Usage for reports, aggregated by the backend so that reports stay fast.
+
+        ``groups``: kind, subject, detail, extra, host, platform, user, first, last, count;
+        ``distinct``: kind, subject, detail, extra, kernels, notebooks (AI/ML tools per
+        subject, egress and flags per subject/detail/extra); ``kernels``: distinct kernels
+        started or importing AI/ML tools; ``notebooks``: distinct notebook paths.
+        """
 
     @abc.abstractmethod
     def verify(self, head: str | None = None) -> VerifyResult:
@@ -356,18 +390,17 @@ _RECORDS_SQL = """CREATE TABLE ledger_records (
         END) STORED
 )"""
 
+# One index only: every index costs each append about one more page written to the WAL
+# (measured: two more indexes cut 8-writer throughput by a fifth). The report index leads
+# with kind and covers every column the report and the kind filters read.
 _SCHEMA = [
     "CREATE TABLE ledger_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
     _RECORDS_SQL,
     "CREATE INDEX ledger_records_report ON ledger_records "
     "(kind, subject, detail, extra, host, platform, user, kernel, notebook, time)",
-    "CREATE INDEX ledger_records_time ON ledger_records (time)",
-    "CREATE INDEX ledger_records_notebook ON ledger_records (notebook)",
 ]
 
-_AGG_COLUMNS = (
-    "kind", "subject", "detail", "extra", "host", "platform", "user", "kernel", "notebook",
-)  # fmt: skip
+_AGG_COLUMNS = ("kind", "subject", "detail", "extra", "host", "platform", "user")
 
 
 def _norm_sql(sql: str | None) -> str:
@@ -386,9 +419,15 @@ class SQLiteLedger(Ledger):
 
     CHUNK = 20000
 
-    def __init__(self, path: str | os.PathLike[str], *, url: str | None = None,
-                 timeout: float = 30.0, synchronous: str = "normal",
-                 create: bool = True) -> None:  # fmt: skip
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        url: str | None = None,
+        timeout: float = 30.0,
+        synchronous: str = "normal",
+        create: bool = True,
+    ) -> None:
         self.path = Path(path).expanduser().absolute()
         self.url = url or f"sqlite:///{self.path}"
         self.timeout = timeout
@@ -447,8 +486,9 @@ class SQLiteLedger(Ledger):
                     "new path"
                 )
         elif not self.create:
+            what = "an empty file" if path.exists() else "no ledger"
             raise LedgerError(
-                f"no ledger at {path}: check --ledger / DUAGuard.ledger_url (the server creates "
+                f"{what} at {path}: check --ledger / DUAGuard.ledger_url (the server creates "
                 "the ledger when it starts)"
             )
         else:
@@ -546,7 +586,9 @@ class SQLiteLedger(Ledger):
         if self._conn_obj is None:
             raise LedgerError(f"ledger {self.path} is closed: open it again with open_ledger()")
         if os.getpid() != self._pid:
-            # Forked child: SQLite handles must not cross fork; leave the parent's alone.
+            # Forked child: SQLite handles must not cross fork. Keep the inherited handle
+            # referenced for good, so that it is never closed (or checkpointed) from here.
+            _INHERITED.append(self._conn_obj)
             self._connect()
         assert self._conn_obj is not None
         return self._conn_obj
@@ -578,7 +620,7 @@ class SQLiteLedger(Ledger):
                     chained = self._chain(prepared, seq, prev)
                     conn.executemany(
                         "INSERT INTO ledger_records (seq, prev, hash, body) VALUES (?, ?, ?, ?)",
-                        [(r["seq"], r["prev"], r["hash"], r.pop("_body")) for r in chained],
+                        chained,
                     )
                     conn.execute("COMMIT")
                 except BaseException:
@@ -590,7 +632,7 @@ class SQLiteLedger(Ledger):
             finally:
                 if locked:
                     fcntl.flock(self._lockfile, fcntl.LOCK_UN)
-        return chained
+        return self._stored(chained)
 
     # -- reading
     def _where(
@@ -707,61 +749,162 @@ class SQLiteLedger(Ledger):
                 raise self._fail(exc, "read") from None
         return (int(row[0]), str(row[1])) if row else (0, GENESIS)
 
-    def aggregate(self, since: Any = None, until: Any = None) -> list[dict[str, Any]]:
+    def aggregate(self, since: Any = None, until: Any = None) -> dict[str, Any]:
         where, params = self._where(since, until, None, None)
+        and_where = where.replace("WHERE ", "AND ", 1)
         cols = ", ".join(_AGG_COLUMNS)
-        sql = (
-            f"SELECT {cols}, min(time), max(time), count(*) FROM ledger_records {where} "
-            f"GROUP BY {cols}"
-        )
+        queries = {
+            # streams along the report index: no sort, one row per group
+            "groups": (
+                f"SELECT {cols}, min(time), max(time), count(*) FROM ledger_records {where} "
+                f"GROUP BY {cols}"
+            ),
+            "distinct": (
+                "SELECT kind, subject, NULL, NULL, count(DISTINCT kernel), "
+                "count(DISTINCT notebook) FROM ledger_records WHERE kind = 'ai_ml_import' "
+                f"{and_where} GROUP BY kind, subject "
+                "UNION ALL SELECT kind, subject, detail, extra, count(DISTINCT kernel), "
+                "count(DISTINCT notebook) FROM ledger_records WHERE kind IN "
+                "('egress_blocked', 'egress_allowed_ai', 'output_flagged') "
+                f"{and_where} GROUP BY kind, subject, detail, extra"
+            ),
+            "kernels": (
+                "SELECT count(DISTINCT kernel) FROM ledger_records WHERE kind IN "
+                f"('kernel_started', 'ai_ml_import') {and_where}"
+            ),
+            "started": (
+                "SELECT count(DISTINCT kernel) FROM ledger_records WHERE kind = "
+                f"'kernel_started' {and_where}"
+            ),
+            "notebooks": (
+                "SELECT DISTINCT notebook FROM ledger_records WHERE notebook IS NOT NULL "
+                f"{and_where} ORDER BY notebook"
+            ),
+        }
+        args = {k: params * (2 if k == "distinct" else 1) for k in queries}
         with self._lock:
             try:
-                rows = self._conn.execute(sql, params).fetchall()
+                conn = self._conn
+                conn.execute("BEGIN")  # one snapshot for every section
+                try:
+                    rows = {k: conn.execute(q, args[k]).fetchall() for k, q in queries.items()}
+                finally:
+                    conn.execute("COMMIT")
             except sqlite3.Error as exc:
                 raise self._fail(exc, "read") from None
-        out = []
-        for row in rows:
-            item = dict(zip(_AGG_COLUMNS, row[: len(_AGG_COLUMNS)], strict=True))
-            item["first"], item["last"], item["count"] = row[len(_AGG_COLUMNS) :]
-            out.append(item)
-        return out
+        n = len(_AGG_COLUMNS)
+        return {
+            "groups": [
+                {
+                    **dict(zip(_AGG_COLUMNS, r[:n], strict=True)),
+                    "first": r[n],
+                    "last": r[n + 1],
+                    "count": r[n + 2],
+                }
+                for r in rows["groups"]
+            ],
+            "distinct": [
+                dict(
+                    zip(
+                        ("kind", "subject", "detail", "extra", "kernels", "notebooks"),
+                        r,
+                        strict=True,
+                    )
+                )
+                for r in rows["distinct"]
+            ],
+            "kernels": rows["kernels"][0][0],
+            "kernels_started": rows["started"][0][0],
+            "notebooks": [r[0] for r in rows["notebooks"]],
+        }
 
     # -- verification
+    def _reader(self) -> sqlite3.Connection:
+        """A separate read connection, so that verification runs beside other work."""
+        conn = sqlite3.connect(
+            str(self.path), timeout=self.timeout, isolation_level=None, check_same_thread=False
+        )
+        conn.execute(f"PRAGMA busy_timeout = {int(self.timeout * 1000)}")
+        return conn
+
     def verify(self, head: str | None = None) -> VerifyResult:
         pin = _parse_pin(head) if head else None
-        with self._lock:
-            try:
-                return self._verify(pin, head)
-            except sqlite3.Error as exc:
-                raise self._fail(exc, "verify") from None
+        self._conn  # noqa: B018 - raises if closed
+        try:
+            conn = self._reader()
+        except sqlite3.Error as exc:
+            raise self._fail(exc, "verify") from None
+        try:
+            return self._verify(conn, pin, head)
+        except sqlite3.Error as exc:
+            raise self._fail(exc, "verify") from None
+        finally:
+            conn.close()
 
     def _result(self, ok: bool, records: int, head: tuple[int, str], **kw: Any) -> VerifyResult:
         return VerifyResult(ok, records, head[0], head[1], url=self.url, **kw)
 
-    def _verify(self, pin: tuple[int | None, str] | None, pin_text: str | None) -> VerifyResult:
-        conn = self._conn
-        conn.execute("BEGIN")  # one consistent snapshot while writers go on
+    _CHUNK_SQL = (
+        "SELECT group_concat(m, char(30)), group_concat(hash, ''), group_concat(prev, ''), "
+        "count(*), min(seq), max(seq) FROM (SELECT prev || char(10) || body AS m, hash, prev, "
+        "seq FROM ledger_records WHERE seq > ? AND seq <= ? ORDER BY seq LIMIT ?)"
+    )
+
+    def _chunks(self, top: int, out: queue.Queue, stop: threading.Event) -> None:
+        """Producer: read the chain in chunks (SQLite works without the GIL meanwhile)."""
+        try:
+            conn = self._reader()
+        except sqlite3.Error as exc:
+            out.put(exc)
+            return
+        try:
+            last = 0
+            while not stop.is_set():
+                row = conn.execute(self._CHUNK_SQL, (last, top, self.CHUNK)).fetchone()
+                out.put(row)
+                if not row[3]:
+                    return
+                last = row[5]
+        except sqlite3.Error as exc:
+            out.put(exc)
+        finally:
+            conn.close()
+
+    def _verify(
+        self,
+        conn: sqlite3.Connection,
+        pin: tuple[int | None, str] | None,
+        pin_text: str | None,
+    ) -> VerifyResult:
+        conn.execute("BEGIN")  # one consistent view of schema, count and head
         try:
             sql = conn.execute(
                 "SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'ledger_records'"
             ).fetchone()
-            total, top = conn.execute("SELECT count(*), max(seq) FROM ledger_records").fetchone()
-            head = self.head()
-            if sql is None or _norm_sql(sql[0]) != _norm_sql(_RECORDS_SQL):
-                return self._result(
-                    False, total or 0, head,
-                    problem="the records table was altered (its schema is not the ledger's)",
-                )  # fmt: skip
-            last_seq, last_hash = 0, GENESIS
+            total = conn.execute("SELECT count(*) FROM ledger_records").fetchone()[0] or 0
+            row = conn.execute(
+                "SELECT seq, hash FROM ledger_records ORDER BY seq DESC LIMIT 1"
+            ).fetchone()
+        finally:
+            conn.execute("COMMIT")
+        head = (int(row[0]), str(row[1])) if row else (0, GENESIS)
+        if sql is None or _norm_sql(sql[0]) != _norm_sql(_RECORDS_SQL):
+            return self._result(
+                False, total, head,
+                problem="the records table was altered (its schema is not the ledger's)",
+            )  # fmt: skip
+        chunks: queue.Queue = queue.Queue(maxsize=2)
+        stop = threading.Event()
+        producer = threading.Thread(target=self._chunks, args=(head[0], chunks, stop), daemon=True)
+        producer.start()
+        last_seq, last_hash = 0, GENESIS
+        sha = hashlib.sha256
+        try:
             while True:
-                row = conn.execute(
-                    "SELECT group_concat(m, char(30)), group_concat(hash, ''), "
-                    "group_concat(prev, ''), count(*), min(seq), max(seq) FROM "
-                    "(SELECT prev || char(10) || body AS m, hash, prev, seq FROM ledger_records "
-                    "WHERE seq > ? ORDER BY seq LIMIT ?)",
-                    (last_seq, self.CHUNK),
-                ).fetchone()
-                messages, hashes, prevs, n, lo, hi = row
+                item = chunks.get()
+                if isinstance(item, Exception):
+                    raise item
+                messages, hashes, prevs, n, lo, hi = item
                 if not n:
                     break
                 good = (
@@ -771,22 +914,27 @@ class SQLiteLedger(Ledger):
                     and len(hashes) == 64 * n
                 )
                 if good:
-                    sha = hashlib.sha256
                     parts = messages.encode().split(b"\x1e")
-                    good = len(parts) == n and "".join(
-                        [sha(p).hexdigest() for p in parts]
-                    ) == hashes
+                    good = (
+                        len(parts) == n and "".join([sha(p).hexdigest() for p in parts]) == hashes
+                    )
                 if not good:
                     bad, problem = self._diagnose(conn, last_seq, last_hash)
                     return self._result(False, total, head, bad_seq=bad, problem=problem)
                 last_seq, last_hash = hi, hashes[-64:]
         finally:
-            conn.execute("COMMIT")
+            stop.set()
+            while producer.is_alive():
+                with contextlib.suppress(queue.Empty):
+                    chunks.get(timeout=0.05)
+        if last_seq != head[0] or total != head[0]:
+            bad, problem = self._diagnose(conn, last_seq, last_hash)
+            return self._result(False, total, head, bad_seq=bad, problem=problem)
         if pin is not None:
             problem = self._check_pin(conn, pin, last_seq, last_hash)
             if problem:
                 return self._result(False, total, head, bad_seq=problem[0], problem=problem[1])
-        return self._result(True, total or 0, head, pinned=pin_text)
+        return self._result(True, total, head, pinned=pin_text)
 
     def _check_pin(
         self, conn: sqlite3.Connection, pin: tuple[int | None, str], last_seq: int, last_hash: str

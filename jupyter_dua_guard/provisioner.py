@@ -45,6 +45,20 @@ def find_server_settings(obj: Any) -> dict[str, Any]:
     return dict(_last_settings)
 
 
+def notebook_path(session_name: str | None, root_dir: str | None) -> str | None:
+    """The notebook's API path (relative to the server root), as the ledger's records use.
+
+    Sessions pass the notebook as ``JPY_SESSION_NAME``, an OS path under the root.
+    """
+    if not session_name:
+        return None
+    if root_dir and os.path.isabs(session_name):
+        rel = os.path.relpath(session_name, root_dir)
+        if not rel.startswith(".."):
+            return rel.replace(os.sep, "/")
+    return session_name
+
+
 def kernel_guard_env(
     settings: dict[str, Any], kernel_id: str | None, notebook: str | None
 ) -> dict[str, str]:
@@ -66,7 +80,7 @@ class DUAGuardProvisioner(LocalProvisioner):  # type: ignore[misc]
         kwargs = await super().pre_launch(**kwargs)
         env = kwargs.setdefault("env", dict(os.environ))
         settings = find_server_settings(self.parent)
-        notebook = env.get("JPY_SESSION_NAME") or None
+        notebook = notebook_path(env.get("JPY_SESSION_NAME"), settings.get("root_dir"))
         for name in (ENV_POLICY, ENV_NOTEBOOK):
             env.pop(name, None)  # never inherit another kernel's or the server's values
         env.update(kernel_guard_env(settings, self.kernel_id, notebook))
@@ -76,27 +90,4 @@ class DUAGuardProvisioner(LocalProvisioner):  # type: ignore[misc]
                 "AI catalogue (enable the jupyter_dua_guard server extension).",
                 self.kernel_id,
             )
-        self._dua_guard_notebook = notebook
         return kwargs
-
-    async def post_launch(self, **kwargs: Any) -> None:
-        await super().post_launch(**kwargs)
-        settings = find_server_settings(self.parent)
-        recorder = settings.get("recorder")
-        if recorder is None:
-            return
-        recorder(
-            "kernel_started",
-            {
-                "kernel_id": self.kernel_id,
-                "kernel_name": getattr(self.parent, "kernel_name", None) or "",
-                "notebook": getattr(self, "_dua_guard_notebook", None),
-                "display_name": getattr(self.kernel_spec, "display_name", None) or "",
-                "language": getattr(self.kernel_spec, "language", None) or "",
-                "pid": getattr(self, "pid", None),
-                "guarded": True,
-                "mode": settings.get("mode", "block"),
-            },
-            kernel_id=self.kernel_id,
-            notebook=getattr(self, "_dua_guard_notebook", None),
-        )

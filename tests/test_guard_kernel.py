@@ -225,7 +225,7 @@ async def test_ai_ml_imports_recorded_once_with_versions(kernel, ledger_url, tmp
     assert record["data"]["category"] == "nlp"
     ctx = record["context"]
     assert ctx["kernel_id"] == kernel_id
-    assert ctx["notebook"].endswith(NOTEBOOK)
+    assert ctx["notebook"] == NOTEBOOK
     assert ctx["user"] and ctx["host"] and record["time"]
     names = {r["data"]["name"] for r in records(ledger_url, "ai_ml_import")}
     assert not names & {"seer_tables", "colorsys", "json"}
@@ -261,7 +261,7 @@ async def test_refusals_artifacts_and_data_reads_recorded(kernel, ledger_url, jp
     }
     for r in blocked:
         assert r["context"]["kernel_id"] == kernel_id
-        assert r["context"]["notebook"].endswith(NOTEBOOK)
+        assert r["context"]["notebook"] == NOTEBOOK
         assert r["time"]
     artifacts = sorted(r["data"]["path"] for r in records(ledger_url, "model_artifact_written"))
     study = os.path.realpath(jp_root_dir / "study")
@@ -374,7 +374,7 @@ async def test_kernel_env_and_default_provisioner(kernel, jp_serverapp, ledger_u
     env = last_json(out)
     assert env["JUPYTER_DUA_GUARD_KERNEL_ID"] == kernel_id
     assert env["JUPYTER_DUA_GUARD_LEDGER"] == ledger_url
-    assert env["JUPYTER_DUA_GUARD_NOTEBOOK"].endswith(NOTEBOOK)
+    assert env["JUPYTER_DUA_GUARD_NOTEBOOK"] == NOTEBOOK
     with open(env["JUPYTER_DUA_GUARD_POLICY"]) as f:
         policy = json.load(f)
     assert policy["mode"] == "block"

@@ -12,7 +12,12 @@ export async function requestAPI<T>(
   init: RequestInit = {}
 ): Promise<T> {
   const settings = ServerConnection.makeSettings();
-  const requestUrl = URLExt.join(settings.baseUrl, 'dua-guard', 'api', endPoint);
+  const requestUrl = URLExt.join(
+    settings.baseUrl,
+    'dua-guard',
+    'api',
+    endPoint
+  );
 
   let response: Response;
   try {
@@ -27,7 +32,10 @@ export async function requestAPI<T>(
     try {
       data = JSON.parse(text);
     } catch {
-      console.warn('jupyter-dua-guard: the server answered with non-JSON', text);
+      console.warn(
+        'jupyter-dua-guard: the server answered with non-JSON',
+        text
+      );
     }
   }
   if (!response.ok) {

@@ -1,0 +1,254 @@
+"""Usage-ledger benchmark: appends/s with 1 and 8 writer processes, report time at 1M events.
+
+Run: ``python benchmarks/ledger.py [--events 1000000] [--keep DIR]``. Prints figures measured
+in this run (wall and CPU seconds); goals from issue 3: >= 5,000 appends/s with 8 writers,
+report over 1,000,000 events <= 2 s. The 1M-event ledger is generated in bulk (precomputed
+canonical JSON, one transaction) because going through ``append`` would take minutes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import multiprocessing as mp
+import os
+import random
+import sqlite3
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from jupyter_dua_guard.ledger import GENESIS, open_ledger
+from jupyter_dua_guard.report import build_report, render_html
+
+
+def _writer(url: str, n: int, batch: int, start: mp.Event, done: mp.Queue) -> None:
+    ledger = open_ledger(url)
+    data = {"name": "sklearn", "distribution": "scikit-learn", "version": "1.5.2", "category": "ml"}
+    start.wait()
+    t0 = time.perf_counter()
+    if batch <= 1:
+        for _ in range(n):
+            ledger.append("ai_ml_import", data)
+    else:
+        for _ in range(n // batch):
+            ledger.append_many([("ai_ml_import", data, None)] * batch)
+    done.put(time.perf_counter() - t0)
+    ledger.close()
+
+
+def appends_per_second(url: str, writers: int, per_writer: int, batch: int = 1) -> float:
+    ctx = mp.get_context("spawn")
+    start, done = ctx.Event(), ctx.Queue()
+    procs = [
+        ctx.Process(target=_writer, args=(url, per_writer, batch, start, done))
+        for _ in range(writers)
+    ]
+    for proc in procs:
+        proc.start()
+    time.sleep(1.0 + 0.2 * writers)  # let every writer import and open first
+    t0 = time.perf_counter()
+    start.set()
+    for proc in procs:
+        proc.join()
+    wall = time.perf_counter() - t0
+    return writers * per_writer / wall
+
+
+def canonical(value: object) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def generate(path: Path, total: int, seed: int = 7) -> None:
+    """Bulk-write ``total`` synthetic, correctly chained events (no case-level values)."""
+    open_ledger(f"sqlite:///{path}").close()  # create with the real schema
+    rng = random.Random(seed)
+    hosts = [
+        ("hpc-node-1", "Linux-5.14-x86_64"),
+        ("hpc-node-2", "Linux-5.14-x86_64"),
+        ("laptop-7", "macOS-14.5-arm64"),
+        ("vdi-3", "Windows-10-AMD64"),
+    ]
+    users = ["analyst1", "analyst2", "pi"]
+    notebooks = [f"projects/study-{i // 20}/nb-{i}.ipynb" for i in range(300)]
+    kernels = [f"{rng.getrandbits(128):032x}" for _ in range(5000)]
+    contexts = []
+    for i, kernel in enumerate(kernels):
+        host, plat = hosts[i % len(hosts)]
+        contexts.append(
+            canonical(
+                {
+                    "user": users[i % 3],
+                    "host": host,
+                    "platform": plat,
+                    "kernel_id": kernel,
+                    "notebook": notebooks[i % len(notebooks)],
+                    "python": "3.11.7",
+                    "guard_version": "0.1.0",
+                    "pid": 1000 + i,
+                }
+            )
+        )
+    tools = [
+        (f"tool{i}", f"tool-dist-{i}", f"{1 + i % 4}.{v}.0", "ml")
+        for i in range(40)
+        for v in range(3)
+    ]
+    pools = {
+        "ai_ml_import": [
+            canonical({"name": a, "distribution": b, "version": c, "category": d})
+            for a, b, c, d in tools
+        ],
+        "data_read": [
+            canonical({"path": f"/data/seer/extract-{i}.csv", "format": "csv"}) for i in range(50)
+        ],
+        "egress_blocked": [
+            canonical({"host": f"llm{i}.example.test", "port": 443, "rule": "ai-endpoint"})
+            for i in range(30)
+        ],
+        "egress_allowed_ai": [
+            canonical({"host": "ai.internal.test", "port": 443, "rule": "allow:institutional"})
+        ],
+        "output_flagged": [canonical({"rule": r, "cell": 3}) for r in ("small-cell", "id-column")],
+        "review_signed": [
+            canonical(
+                {
+                    "reviewer": "Dr. Synthetic",
+                    "notebook": "nb.ipynb",
+                    "scope": "figures",
+                    "statement": "reviewed",
+                }
+            )
+        ],
+    }
+    weights = [
+        ("ai_ml_import", 700),
+        ("data_read", 150),
+        ("egress_blocked", 80),
+        ("kernel_started", 30),
+        ("egress_allowed_ai", 20),
+        ("output_flagged", 15),
+        ("model_artifact_written", 4),
+        ("review_signed", 1),
+    ]
+    kinds = [k for k, w in weights for _ in range(w)]
+    start = 1_767_225_600.0  # 2026-01-01
+    step = 365 * 86400 / total
+    sha = hashlib.sha256
+    prev = GENESIS
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("PRAGMA synchronous = OFF")
+    conn.execute("BEGIN IMMEDIATE")
+    rows = []
+    for seq in range(1, total + 1):
+        kind = kinds[rng.randrange(len(kinds))]
+        ki = rng.randrange(len(kernels))
+        if kind == "kernel_started":
+            data = canonical(
+                {
+                    "kernel_id": kernels[ki],
+                    "kernel_name": "python3",
+                    "notebook": notebooks[ki % len(notebooks)],
+                }
+            )
+        elif kind == "model_artifact_written":
+            data = canonical(
+                {"path": f"/tmp/models-{seed}/model-{seq}.pt", "size": 1024, "library": "torch"}
+            )
+        else:
+            pool = pools[kind]
+            data = pool[rng.randrange(len(pool))]
+        moment = time.gmtime(start + seq * step)
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", moment) + f".{seq % 1_000_000:06d}Z"
+        body = (
+            f'{{"context":{contexts[ki]},"data":{data},"kind":"{kind}",'
+            f'"seq":{seq},"time":"{stamp}"}}'
+        )
+        digest = sha(f"{prev}\n{body}".encode()).hexdigest()
+        rows.append((seq, prev, digest, body))
+        prev = digest
+        if len(rows) == 50_000:
+            conn.executemany(
+                "INSERT INTO ledger_records (seq, prev, hash, body) VALUES (?, ?, ?, ?)", rows
+            )
+            rows.clear()
+    if rows:
+        conn.executemany(
+            "INSERT INTO ledger_records (seq, prev, hash, body) VALUES (?, ?, ?, ?)", rows
+        )
+    conn.execute("COMMIT")
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    conn.execute("ANALYZE")
+    conn.close()
+
+
+def timed(fn):  # type: ignore[no-untyped-def]
+    w0, c0 = time.perf_counter(), time.process_time()
+    value = fn()
+    return value, time.perf_counter() - w0, time.process_time() - c0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--events", type=int, default=1_000_000)
+    parser.add_argument("--appends", type=int, default=2000, help="appends per writer")
+    parser.add_argument("--keep", help="directory to keep (and reuse) the generated ledger in")
+    args = parser.parse_args()
+    workdir = Path(args.keep or tempfile.mkdtemp(prefix="dua-ledger-bench-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}")
+
+    for writers, batch in ((1, 1), (8, 1), (8, 50)):
+        url = f"sqlite:///{workdir}/appends-{writers}-{batch}.sqlite"
+        for suffix in ("", "-wal", "-shm", ".lock"):
+            Path(url[10:] + suffix).unlink(missing_ok=True)
+        open_ledger(url).close()
+        per = args.appends if batch == 1 else args.appends * 5
+        rate = appends_per_second(url, writers, per, batch)
+        with open_ledger(url) as ledger:
+            result = ledger.verify()
+        label = "single appends" if batch == 1 else f"append_many batches of {batch}"
+        print(
+            f"appends/s, {writers} writer process{'es' if writers > 1 else ''}, {label}: "
+            f"{rate:,.0f}  (records {result.records}, chain intact: {result.ok})"
+        )
+
+    big = workdir / f"ledger-{args.events}.sqlite"
+    if not big.exists():
+        _, wall, _ = timed(lambda: generate(big, args.events))
+        print(
+            f"generated {args.events:,} synthetic events in {wall:.1f} s "
+            f"({big.stat().st_size / 1e6:.0f} MB)"
+        )
+    with open_ledger(f"sqlite:///{big}") as ledger:
+        agg, wall_a, _ = timed(lambda: ledger.aggregate())
+        ver, wall_v, cpu_v = timed(lambda: ledger.verify())
+        rep, wall_r, cpu_r = timed(lambda: build_report(ledger))
+        _, wall_h, _ = timed(lambda: render_html(rep))
+        _, wall_p, _ = timed(lambda: build_report(ledger, since="2026-12-01"))
+    print(
+        f"report over {ver.records:,} events (aggregation + full chain verification): "
+        f"{wall_r:.2f} s wall, {cpu_r:.2f} s CPU; HTML rendering {wall_h:.3f} s"
+    )
+    print(
+        f"  of which aggregation {wall_a:.2f} s wall ({len(agg['groups']):,} groups), "
+        f"verification {wall_v:.2f} s wall / {cpu_v:.2f} s CPU (intact: {ver.ok})"
+    )
+    print(f"  report for one month (--since 2026-12-01) incl. full verification: {wall_p:.2f} s")
+    print(
+        f"  tools {len(rep['tools'])}, kernels {rep['kernels']}, notebooks "
+        f"{len(rep['notebooks'])}, artefacts {len(rep['model_artifacts'])}"
+    )
+    print(f"goal check: report <= 2 s: {'met' if wall_r <= 2 else 'NOT met'} ({wall_r:.2f} s)")
+    if not args.keep:
+        for item in workdir.iterdir():
+            item.unlink()
+        workdir.rmdir()
+
+
+if __name__ == "__main__":
+    main()
