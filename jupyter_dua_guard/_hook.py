@@ -33,31 +33,70 @@ def _warn_once_factory() -> Callable[[str], None]:
 
 
 def make_recorder(
-    open_ledger: Callable[[str | None], Any], ledger_url: str | None
+    open_ledger: Callable[[str | None], Any], ledger_url: str | None, wait: float = 10.0
 ) -> Callable[[str, Mapping[str, Any]], None]:
-    """``record(kind, data)`` writing to the ledger lazily, never raising.
+    """``record(kind, data)``: write to the ledger, never raising, never hanging.
 
-    One ledger per process (the ledger serialises threads itself). Failures are
-    reported once on stderr and otherwise swallowed: the user's code must not break
-    because recording did.
+    A writer thread per process (started on first use, again after a fork) owns the
+    ledger; ``record`` hands it the event and waits at most ``wait`` seconds for the
+    write, so a ledger locked by a stuck process delays the kernel but cannot hang it.
+    Failures are reported once on stderr and otherwise swallowed: the user's code must
+    not break because recording did.
     """
+    import _queue
+    import _thread
+
+    # Imported here, at install time in the main thread: a first import of threading in
+    # another thread makes that thread "main" and the interpreter then waits for it at exit.
+    import threading
 
     warn = _warn_once_factory()
-    ledgers: dict[int, Any] = {}  # per process: SQLite handles must not cross a fork
+    state: dict[str, Any] = {"pid": None, "queue": None, "writer": None}
+    start_lock = _thread.allocate_lock()
+
+    def writer(queue: Any) -> None:
+        state["writer"] = _thread.get_ident()
+        ledger = None
+        while True:
+            kind, data, done = queue.get()
+            try:
+                if ledger is None:
+                    ledger = open_ledger(ledger_url)
+                ledger.append(kind, data)
+            except Exception as e:
+                ledger = None
+                warn(
+                    f"could not record a {kind!r} event in the ledger ({type(e).__name__}: "
+                    f"{e}); the guard keeps enforcing the policy. Tell your administrator."
+                )
+            finally:
+                done.release()
 
     def record(kind: str, data: Mapping[str, Any]) -> None:
         try:
+            if _thread.get_ident() == state["writer"]:
+                return  # the writer's own file and import activity
             pid = os.getpid()
-            ledger = ledgers.get(pid)
-            if ledger is None:
-                ledger = ledgers[pid] = open_ledger(ledger_url)
-            ledger.append(kind, dict(data))
+            with start_lock:
+                if state["pid"] != pid:  # first use, or a forked child without the thread
+                    state["pid"], state["queue"], state["writer"] = pid, _queue.SimpleQueue(), None
+                    threading.Thread(
+                        target=writer,
+                        args=(state["queue"],),
+                        name="jupyter-dua-guard-ledger",
+                        daemon=True,
+                    ).start()
+            done = _thread.allocate_lock()
+            done.acquire()
+            state["queue"].put((kind, dict(data), done))
+            if not done.acquire(True, wait):
+                warn(
+                    f"the ledger did not take a {kind!r} event within {wait:g} s (locked by "
+                    "another process?); it is written when the ledger frees up. The guard "
+                    "keeps enforcing the policy."
+                )
         except Exception as e:
-            ledgers.pop(os.getpid(), None)
-            warn(
-                f"could not record a {kind!r} event in the ledger ({type(e).__name__}: {e}); "
-                "the guard keeps enforcing the policy. Tell your administrator."
-            )
+            warn(f"could not record a {kind!r} event ({type(e).__name__}: {e})")
 
     return record
 
@@ -294,6 +333,8 @@ def make_handlers(
             full = abspath(path)
             if name.endswith(".pth") and "-packages" in full:
                 return  # a site-packages start-up file written by pip, not a model
+            if name.lower().endswith((".pkl", ".pickle")) and "/.cache/" in full:
+                return  # tool caches (parso, joblib.Memory), not models
             key = "w:" + full
             if key in seen_files:
                 return

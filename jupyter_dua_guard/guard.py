@@ -148,7 +148,6 @@ def _ledger_opener() -> Callable[[str | None], Any]:
             if spec is None or spec.loader is None:
                 raise ImportError("jupyter_dua_guard.ledger is not installed")
             loaded.append(_exec_private(spec).open_ledger)
-        # A bounded wait: a locked ledger must delay a kernel, never hang it.
         return loaded[0](url, timeout=LEDGER_TIMEOUT)
 
     return open_ledger
@@ -172,7 +171,7 @@ def install(
     policy_mod = _private_module("jupyter_dua_guard.policy")
     private_policy = policy_mod.Policy(policy.raw, policy.defaults_reason)
     if record is None:
-        record = hook_mod.make_recorder(_ledger_opener(), ledger_url)
+        record = hook_mod.make_recorder(_ledger_opener(), ledger_url, LEDGER_TIMEOUT)
     guard_env = (
         {k: os.environ[k] for k in GUARD_ENV_VARS if os.environ.get(k)} if protect_env else {}
     )

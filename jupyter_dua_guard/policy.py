@@ -63,6 +63,12 @@ DEFAULT_MODEL_ARTIFACT_PATTERNS = (
     "adapter_model*.bin",
     "flax_model*.msgpack",
     "*.mar",
+    "*.model",
+    "saved_model.pb",
+    # Pickles hold trained scikit-learn models as often as anything else; recording them
+    # errs on the side of the close-out inventory.
+    "*.pkl",
+    "*.pickle",
 )
 
 _LOOPBACK_NAMES = frozenset({"localhost", "localhost.localdomain", "ip6-localhost", "ip6-loopback"})

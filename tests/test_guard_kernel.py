@@ -34,7 +34,11 @@ def ledger_url(tmp_path, monkeypatch) -> str:
 
 @pytest.fixture
 def guard_settings() -> dict[str, Any]:
-    return {"data_paths": ["registry/**/*.csv"], "blocked_hosts": ["127.0.0.3"]}
+    return {
+        "data_paths": ["registry/**/*.csv"],
+        "blocked_hosts": ["127.0.0.3"],
+        "ai_packages": {"lab_nlp": {"distributions": ["lab-nlp"], "category": "nlp"}},
+    }
 
 
 @pytest.fixture
@@ -200,6 +204,7 @@ async def test_ai_ml_imports_recorded_once_with_versions(kernel, ledger_url, tmp
     site = tmp_path / "fake-site"
     _fake_distribution(site, "transformers", "9.9.9")
     _fake_distribution(site, "seer_tables", "1.0.0")  # not an AI/ML package
+    _fake_distribution(site, "lab_nlp", "0.3.1")  # catalogued by DUAGuard.ai_packages
     code = textwrap.dedent(
         f"""
         import sys, importlib
@@ -209,6 +214,7 @@ async def test_ai_ml_imports_recorded_once_with_versions(kernel, ledger_url, tmp
         del sys.modules["transformers"]
         import transformers
         import seer_tables, colorsys, json
+        import lab_nlp
         print(transformers.__version__)
         """
     )
@@ -227,8 +233,10 @@ async def test_ai_ml_imports_recorded_once_with_versions(kernel, ledger_url, tmp
     assert ctx["kernel_id"] == kernel_id
     assert ctx["notebook"] == NOTEBOOK
     assert ctx["user"] and ctx["host"] and record["time"]
-    names = {r["data"]["name"] for r in records(ledger_url, "ai_ml_import")}
-    assert not names & {"seer_tables", "colorsys", "json"}
+    names = {r["data"]["name"]: r["data"] for r in records(ledger_url, "ai_ml_import")}
+    assert not set(names) & {"seer_tables", "colorsys", "json"}
+    assert names["lab_nlp"]["version"] == "0.3.1"
+    assert names["lab_nlp"]["category"] == "nlp"
 
 
 async def test_refusals_artifacts_and_data_reads_recorded(kernel, ledger_url, jp_root_dir) -> None:
@@ -244,6 +252,11 @@ async def test_refusals_artifacts_and_data_reads_recorded(kernel, ledger_url, jp
         with open("weights.safetensors", "wb") as f:
             f.write(b"synthetic")
         open("notes.txt", "w").write("not a model")
+        import pathlib, pickle
+        with pathlib.Path("clf.pkl").open("wb") as f:
+            pickle.dump({"coef": [0.1]}, f)
+        fd = os.open("encoder.onnx", os.O_WRONLY | os.O_CREAT, 0o600)
+        os.close(fd)
         os.makedirs("out", exist_ok=True)
         open("out/pytorch_model.bin", "wb").close()
         for _ in range(2):
@@ -266,6 +279,8 @@ async def test_refusals_artifacts_and_data_reads_recorded(kernel, ledger_url, jp
     artifacts = sorted(r["data"]["path"] for r in records(ledger_url, "model_artifact_written"))
     study = os.path.realpath(jp_root_dir / "study")
     assert [os.path.realpath(p) for p in artifacts] == [
+        os.path.join(study, "clf.pkl"),
+        os.path.join(study, "encoder.onnx"),
         os.path.join(study, "out", "pytorch_model.bin"),
         os.path.join(study, "weights.safetensors"),
     ]

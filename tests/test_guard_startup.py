@@ -165,3 +165,40 @@ def test_install_cannot_weaken_an_installed_guard(tmp_path) -> None:
         JUPYTER_DUA_GUARD_LEDGER=f"sqlite:///{tmp_path}/l.sqlite",
     )
     assert proc.stdout.strip() == "REFUSED AIEndpointBlocked", proc.stderr
+
+
+def test_a_stuck_ledger_delays_but_never_hangs(tmp_path) -> None:
+    """Another process holds the ledger's writer lock indefinitely: a refusal still
+    raises promptly, the user's code goes on, and one warning says why."""
+    import fcntl
+    import time
+
+    path = tmp_path / "ledger.sqlite"
+    open_ledger(f"sqlite:///{path}").close()
+    holder = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    fcntl.flock(holder, fcntl.LOCK_EX)
+    code = textwrap.dedent(
+        f"""
+        import os
+        os.environ.update({{"JUPYTER_DUA_GUARD_KERNEL_ID": "k-stuck",
+                           "JUPYTER_DUA_GUARD_LEDGER": "sqlite:///{path}"}})
+        import jupyter_dua_guard.guard as g
+        g.LEDGER_TIMEOUT = 1.0
+        g.activate_from_environ()
+        """
+    ) + PROBE
+    try:
+        started = time.monotonic()
+        proc = subprocess.run(
+            [sys.executable, "-c", code],
+            env={k: v for k, v in os.environ.items() if not k.startswith("JUPYTER_DUA_GUARD")},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        elapsed = time.monotonic() - started
+    finally:
+        os.close(holder)
+    assert proc.stdout.strip() == "REFUSED AIEndpointBlocked", proc.stderr
+    assert elapsed < 20
+    assert "did not take" in proc.stderr and "Traceback" not in proc.stderr
