@@ -152,7 +152,7 @@ class VerifyApp(LedgerCommand):
 
     def run(self) -> int:
         with self.open() as ledger:
-            result = ledger.verify(head=self.head or None)
+            result = ledger.verify(head=self.head or None, workers=os.cpu_count() or 1)
         print(json.dumps(result.to_dict()) if self.as_json else result.summary())
         return 0 if result.ok else 1
 
@@ -187,7 +187,11 @@ class ReportApp(_Filtered):
             raise LedgerError(f"unknown --format {self.format!r}: use html, csv or json")
         with self.open() as ledger:
             report = build_report(
-                ledger, self.since or None, self.until or None, head=self.head or None
+                ledger,
+                self.since or None,
+                self.until or None,
+                head=self.head or None,
+                workers=os.cpu_count() or 1,
             )
         self.write(RENDERERS[self.format](report), self.output)
         if self.output:

@@ -296,12 +296,12 @@ class Ledger(abc.ABC):
 
         ``groups``: kind, subject, detail, extra, host, platform, user, first, last, count;
         ``distinct``: kind, subject, detail, extra, kernels, notebooks (AI/ML tools per
-        subject, egress and flags per subject/detail/extra); ``kernels``: distinct kernels
-        started or importing AI/ML tools; ``notebooks``: distinct notebook paths.
+        subject, other kinds per subject/detail/extra); ``kernels``: distinct kernels started
+        or importing AI/ML tools; ``notebooks``: distinct notebook paths seen.
         """
 
     @abc.abstractmethod
-    def verify(self, head: str | None = None) -> VerifyResult:
+    def verify(self, head: str | None = None, *, workers: int = 1) -> VerifyResult:
         """Walk the chain; ``head`` (``seq:hash`` or a hash) also detects truncation."""
 
     @abc.abstractmethod
@@ -399,6 +399,8 @@ _SCHEMA = [
     "CREATE INDEX ledger_records_report ON ledger_records "
     "(kind, subject, detail, extra, host, platform, user, kernel, notebook, time)",
 ]
+
+_RARE = 20_000  # below this many matches, a kind filter reads through the index
 
 _AGG_COLUMNS = ("kind", "subject", "detail", "extra", "host", "platform", "user")
 
@@ -693,6 +695,17 @@ class SQLiteLedger(Ledger):
     ) -> Iterator[dict[str, Any]]:
         where, params = self._where(since, until, kinds, notebook)
         order = "DESC" if descending else "ASC"
+        sort_key = "seq"
+        if kinds:
+            # SQLite's planner cannot see that a kind is rare and walks the whole table in seq
+            # order; when few records match, read them through the index and sort instead.
+            probe = f"SELECT count(*) FROM (SELECT 1 FROM ledger_records {where} LIMIT {_RARE})"
+            with self._lock:
+                try:
+                    if self._conn.execute(probe, params).fetchone()[0] < _RARE:
+                        sort_key = "+seq"
+                except sqlite3.Error as exc:
+                    raise self._fail(exc, "read") from None
         page = 1000
         remaining = limit
         last: int | None = None
@@ -705,7 +718,7 @@ class SQLiteLedger(Ledger):
                 args.append(last)
             sql = (
                 f"SELECT seq, prev, hash, body FROM ledger_records {clause} "
-                f"ORDER BY seq {order} LIMIT ? OFFSET ?"
+                f"ORDER BY {sort_key} {order} LIMIT ? OFFSET ?"
             )
             args += [size, offset if last is None else 0]
             with self._lock:
@@ -759,26 +772,18 @@ class SQLiteLedger(Ledger):
                 f"SELECT {cols}, min(time), max(time), count(*) FROM ledger_records {where} "
                 f"GROUP BY {cols}"
             ),
+            # kernels and notebooks per tool / per egress rule / per file, as JSON lists
             "distinct": (
-                "SELECT kind, subject, NULL, NULL, count(DISTINCT kernel), "
-                "count(DISTINCT notebook) FROM ledger_records WHERE kind = 'ai_ml_import' "
-                f"{and_where} GROUP BY kind, subject "
-                "UNION ALL SELECT kind, subject, detail, extra, count(DISTINCT kernel), "
-                "count(DISTINCT notebook) FROM ledger_records WHERE kind IN "
-                "('egress_blocked', 'egress_allowed_ai', 'output_flagged') "
-                f"{and_where} GROUP BY kind, subject, detail, extra"
-            ),
-            "kernels": (
-                "SELECT count(DISTINCT kernel) FROM ledger_records WHERE kind IN "
-                f"('kernel_started', 'ai_ml_import') {and_where}"
-            ),
-            "started": (
-                "SELECT count(DISTINCT kernel) FROM ledger_records WHERE kind = "
-                f"'kernel_started' {and_where}"
-            ),
-            "notebooks": (
-                "SELECT DISTINCT notebook FROM ledger_records WHERE notebook IS NOT NULL "
-                f"{and_where} ORDER BY notebook"
+                "SELECT kind, subject, NULL, NULL, group_concat(DISTINCT json_quote(kernel)), "
+                "group_concat(DISTINCT json_quote(notebook)) FROM ledger_records "
+                f"WHERE kind IN ('ai_ml_import', 'kernel_started') {and_where} "
+                "GROUP BY kind, subject "
+                "UNION ALL SELECT kind, subject, detail, extra, "
+                "group_concat(DISTINCT json_quote(kernel)), "
+                "group_concat(DISTINCT json_quote(notebook)) FROM ledger_records WHERE kind IN "
+                "('egress_blocked', 'egress_allowed_ai', 'output_flagged', 'data_read', "
+                f"'model_artifact_written', 'review_signed', 'guard_defaults_used') {and_where} "
+                "GROUP BY kind, subject, detail, extra"
             ),
         }
         args = {k: params * (2 if k == "distinct" else 1) for k in queries}
@@ -792,31 +797,37 @@ class SQLiteLedger(Ledger):
                     conn.execute("COMMIT")
             except sqlite3.Error as exc:
                 raise self._fail(exc, "read") from None
+
+        def values(text: str | None) -> set[str]:
+            return {v for v in json.loads(f"[{text}]") if v} if text else set()
+
+        distinct = []
+        kernels: set[str] = set()
+        started: set[str] = set()
+        notebooks: set[str] = set()
+        for kind, subject, detail, extra, kernel_list, notebook_list in rows["distinct"]:
+            ks, ns = values(kernel_list), values(notebook_list)
+            notebooks |= ns
+            if kind in ("ai_ml_import", "kernel_started"):
+                kernels |= ks
+            if kind == "kernel_started":
+                started |= ks
+            distinct.append(
+                {"kind": kind, "subject": subject, "detail": detail, "extra": extra,
+                 "kernels": len(ks), "notebooks": len(ns)}
+            )  # fmt: skip
         n = len(_AGG_COLUMNS)
         return {
             "groups": [
-                {
-                    **dict(zip(_AGG_COLUMNS, r[:n], strict=True)),
-                    "first": r[n],
-                    "last": r[n + 1],
-                    "count": r[n + 2],
-                }
+                {**dict(zip(_AGG_COLUMNS, r[:n], strict=True)),
+                 "first": r[n], "last": r[n + 1], "count": r[n + 2]}
                 for r in rows["groups"]
             ],
-            "distinct": [
-                dict(
-                    zip(
-                        ("kind", "subject", "detail", "extra", "kernels", "notebooks"),
-                        r,
-                        strict=True,
-                    )
-                )
-                for r in rows["distinct"]
-            ],
-            "kernels": rows["kernels"][0][0],
-            "kernels_started": rows["started"][0][0],
-            "notebooks": [r[0] for r in rows["notebooks"]],
-        }
+            "distinct": distinct,
+            "kernels": len(kernels),
+            "kernels_started": len(started),
+            "notebooks": sorted(notebooks),
+        }  # fmt: skip
 
     # -- verification
     def _reader(self) -> sqlite3.Connection:
@@ -827,7 +838,8 @@ class SQLiteLedger(Ledger):
         conn.execute(f"PRAGMA busy_timeout = {int(self.timeout * 1000)}")
         return conn
 
-    def verify(self, head: str | None = None) -> VerifyResult:
+    def verify(self, head: str | None = None, *, workers: int = 1) -> VerifyResult:
+        """Walk the chain; ``workers`` > 1 checks large ledgers in that many processes."""
         pin = _parse_pin(head) if head else None
         self._conn  # noqa: B018 - raises if closed
         try:
@@ -835,7 +847,7 @@ class SQLiteLedger(Ledger):
         except sqlite3.Error as exc:
             raise self._fail(exc, "verify") from None
         try:
-            return self._verify(conn, pin, head)
+            return self._verify(conn, pin, head, workers)
         except sqlite3.Error as exc:
             raise self._fail(exc, "verify") from None
         finally:
@@ -843,12 +855,6 @@ class SQLiteLedger(Ledger):
 
     def _result(self, ok: bool, records: int, head: tuple[int, str], **kw: Any) -> VerifyResult:
         return VerifyResult(ok, records, head[0], head[1], url=self.url, **kw)
-
-    _CHUNK_SQL = (
-        "SELECT group_concat(m, char(30)), group_concat(hash, ''), group_concat(prev, ''), "
-        "count(*), min(seq), max(seq) FROM (SELECT prev || char(10) || body AS m, hash, prev, "
-        "seq FROM ledger_records WHERE seq > ? AND seq <= ? ORDER BY seq LIMIT ?)"
-    )
 
     def _chunks(self, top: int, out: queue.Queue, stop: threading.Event) -> None:
         """Producer: read the chain in chunks (SQLite works without the GIL meanwhile)."""
@@ -860,7 +866,7 @@ class SQLiteLedger(Ledger):
         try:
             last = 0
             while not stop.is_set():
-                row = conn.execute(self._CHUNK_SQL, (last, top, self.CHUNK)).fetchone()
+                row = conn.execute(_CHUNK_SQL, (last, top, self.CHUNK)).fetchone()
                 out.put(row)
                 if not row[3]:
                     return
@@ -875,12 +881,19 @@ class SQLiteLedger(Ledger):
         conn: sqlite3.Connection,
         pin: tuple[int | None, str] | None,
         pin_text: str | None,
+        workers: int = 1,
     ) -> VerifyResult:
         conn.execute("BEGIN")  # one consistent view of schema, count and head
         try:
             sql = conn.execute(
                 "SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'ledger_records'"
             ).fetchone()
+            if sql is None or _norm_sql(sql[0]) != _norm_sql(_RECORDS_SQL):
+                return VerifyResult(
+                    False, 0, 0, GENESIS, url=self.url,
+                    problem="the records table was removed or altered (its schema is not the "
+                    "ledger's)",
+                )  # fmt: skip
             total = conn.execute("SELECT count(*) FROM ledger_records").fetchone()[0] or 0
             row = conn.execute(
                 "SELECT seq, hash FROM ledger_records ORDER BY seq DESC LIMIT 1"
@@ -888,45 +901,41 @@ class SQLiteLedger(Ledger):
         finally:
             conn.execute("COMMIT")
         head = (int(row[0]), str(row[1])) if row else (0, GENESIS)
-        if sql is None or _norm_sql(sql[0]) != _norm_sql(_RECORDS_SQL):
-            return self._result(
-                False, total, head,
-                problem="the records table was altered (its schema is not the ledger's)",
-            )  # fmt: skip
+        if workers > 1 and head[0] >= PARALLEL_MIN:
+            return self._verify_parallel(conn, pin, pin_text, total, head, workers)
         chunks: queue.Queue = queue.Queue(maxsize=2)
         stop = threading.Event()
         producer = threading.Thread(target=self._chunks, args=(head[0], chunks, stop), daemon=True)
         producer.start()
         last_seq, last_hash = 0, GENESIS
-        sha = hashlib.sha256
         try:
             while True:
                 item = chunks.get()
                 if isinstance(item, Exception):
                     raise item
-                messages, hashes, prevs, n, lo, hi = item
-                if not n:
+                if not item[3]:
                     break
-                good = (
-                    lo == last_seq + 1
-                    and hi == lo + n - 1
-                    and prevs == last_hash + hashes[:-64]
-                    and len(hashes) == 64 * n
-                )
-                if good:
-                    parts = messages.encode().split(b"\x1e")
-                    good = (
-                        len(parts) == n and "".join([sha(p).hexdigest() for p in parts]) == hashes
-                    )
-                if not good:
+                if not _chunk_ok(item, last_seq, last_hash):
                     bad, problem = self._diagnose(conn, last_seq, last_hash)
                     return self._result(False, total, head, bad_seq=bad, problem=problem)
-                last_seq, last_hash = hi, hashes[-64:]
+                last_seq, last_hash = item[5], item[1][-64:]
         finally:
             stop.set()
             while producer.is_alive():
                 with contextlib.suppress(queue.Empty):
                     chunks.get(timeout=0.05)
+        return self._finish(conn, pin, pin_text, total, head, last_seq, last_hash)
+
+    def _finish(
+        self,
+        conn: sqlite3.Connection,
+        pin: tuple[int | None, str] | None,
+        pin_text: str | None,
+        total: int,
+        head: tuple[int, str],
+        last_seq: int,
+        last_hash: str,
+    ) -> VerifyResult:
         if last_seq != head[0] or total != head[0]:
             bad, problem = self._diagnose(conn, last_seq, last_hash)
             return self._result(False, total, head, bad_seq=bad, problem=problem)
@@ -935,6 +944,45 @@ class SQLiteLedger(Ledger):
             if problem:
                 return self._result(False, total, head, bad_seq=problem[0], problem=problem[1])
         return self._result(True, total, head, pinned=pin_text)
+
+    def _verify_parallel(
+        self,
+        conn: sqlite3.Connection,
+        pin: tuple[int | None, str] | None,
+        pin_text: str | None,
+        total: int,
+        head: tuple[int, str],
+        workers: int,
+    ) -> VerifyResult:
+        """Split the chain into contiguous ranges checked by worker processes.
+
+        Each range starts from the stored hash of the record before it, which the previous
+        range checks, so every link is still verified once.
+        """
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        bounds = [head[0] * i // workers for i in range(workers + 1)]
+        ctx = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+            results = list(
+                pool.map(
+                    _scan_range,
+                    [str(self.path)] * workers,
+                    [self.timeout] * workers,
+                    bounds[:-1],
+                    bounds[1:],
+                )
+            )
+        last_seq, last_hash = 0, GENESIS
+        for ok, seq, digest in results:
+            if not ok:
+                if digest:
+                    last_seq, last_hash = seq, digest
+                bad, problem = self._diagnose(conn, last_seq, last_hash)
+                return self._result(False, total, head, bad_seq=bad, problem=problem)
+            last_seq, last_hash = seq, digest
+        return self._finish(conn, pin, pin_text, total, head, last_seq, last_hash)
 
     def _check_pin(
         self, conn: sqlite3.Connection, pin: tuple[int | None, str], last_seq: int, last_hash: str
@@ -987,8 +1035,14 @@ class SQLiteLedger(Ledger):
                 return seq, "its content is not text (the record was edited)"
             bseq = body_seq(body)
             if record_hash(prev, body) != digest or bseq is None:
+                if bseq is not None and bseq != expected:
+                    return (
+                        expected,
+                        f"holds the content of record {bseq}, which does not match its stored "
+                        "hash: rows were swapped or their contents moved",
+                    )
                 return (
-                    expected if bseq in (None, expected) else seq,
+                    expected,
                     "its content does not match its stored hash (the record was edited or forged)",
                 )
             if bseq != expected:
@@ -1028,6 +1082,55 @@ class SQLiteLedger(Ledger):
                 return expected, f"is stored under number {seq} (rows were renumbered)"
             expected, last_hash = expected + 1, digest
         return expected, "the chain breaks here (unexpected layout): inspect the ledger"
+
+
+PARALLEL_MIN = 200_000
+
+_CHUNK_SQL = (
+    "SELECT group_concat(m, char(30)), group_concat(hash, ''), group_concat(prev, ''), "
+    "count(*), min(seq), max(seq) FROM (SELECT prev || char(10) || body AS m, hash, prev, "
+    "seq FROM ledger_records WHERE seq > ? AND seq <= ? ORDER BY seq LIMIT ?)"
+)
+
+
+def _chunk_ok(item: tuple, last_seq: int, last_hash: str) -> bool:
+    """Does a chunk of records (see ``_CHUNK_SQL``) continue the chain after ``last_seq``?"""
+    messages, hashes, prevs, n, lo, hi = item
+    if not (
+        lo == last_seq + 1
+        and hi == lo + n - 1
+        and len(hashes) == 64 * n
+        and prevs == last_hash + hashes[:-64]
+    ):
+        return False
+    parts = messages.encode().split(b"\x1e")
+    sha = hashlib.sha256
+    return len(parts) == n and "".join([sha(p).hexdigest() for p in parts]) == hashes
+
+
+def _scan_range(path: str, timeout: float, after: int, top: int) -> tuple[bool, int, str]:
+    """Worker: check records ``after+1..top``; ``(ok, last good seq, its hash)``.
+
+    The hash is ``""`` when even the starting record could not be read.
+    """
+    conn = sqlite3.connect(path, timeout=timeout, isolation_level=None)
+    try:
+        if after == 0:
+            last_hash = GENESIS
+        else:
+            row = conn.execute("SELECT hash FROM ledger_records WHERE seq = ?", (after,)).fetchone()
+            if row is None:
+                return False, after, ""
+            last_hash = row[0]
+        last_seq = after
+        while last_seq < top:
+            item = conn.execute(_CHUNK_SQL, (last_seq, top, SQLiteLedger.CHUNK)).fetchone()
+            if not item[3] or not _chunk_ok(item, last_seq, last_hash):
+                return False, last_seq, last_hash
+            last_seq, last_hash = item[5], item[1][-64:]
+        return True, last_seq, last_hash
+    finally:
+        conn.close()
 
 
 # --------------------------------------------------------------------------- opening

@@ -268,6 +268,15 @@ def test_swap_two_rows_is_named(tampered):
     assert not result.ok and result.bad_seq == 3 and "swapped" in result.problem
 
 
+def test_swap_of_bodies_only_is_named(tampered):
+    path, conn, _ = tampered
+    a, b = row(conn, 5), row(conn, 9)
+    set_row(conn, 5, a[0], a[1], b[2])
+    set_row(conn, 9, b[0], b[1], a[2])
+    result = verify(path)
+    assert not result.ok and result.bad_seq == 5 and "swapped" in result.problem
+
+
 def test_swap_adjacent_rows_by_renumbering_is_named(tampered):
     path, conn, _ = tampered
     conn.execute("UPDATE ledger_records SET seq = -1 WHERE seq = 14")
@@ -316,6 +325,13 @@ def test_altered_schema_detected(tampered):
     conn.execute("CREATE TABLE ledger_records AS SELECT seq, prev, hash, body, time, kind FROM old")
     result = verify(path)
     assert not result.ok and "schema" in result.problem
+
+
+def test_dropped_records_table_detected(tampered):
+    path, conn, _ = tampered
+    conn.execute("DROP TABLE ledger_records")
+    result = verify(path)
+    assert not result.ok and "removed or altered" in result.problem
 
 
 def test_bad_pin_text_is_an_error(tampered):
@@ -372,3 +388,21 @@ def test_reader_does_not_create_missing_ledger(tmp_path):
     with pytest.raises(LedgerError, match="no ledger at"):
         open_ledger(f"sqlite:///{tmp_path}/typo.sqlite", create=False)
     assert not (tmp_path / "typo.sqlite").exists()
+
+
+@pytest.mark.parametrize("seq", [3, 11, 19])
+def test_parallel_verification_names_the_same_record(tmp_path, monkeypatch, seq):
+    from jupyter_dua_guard import ledger as ledger_module
+
+    monkeypatch.setattr(ledger_module, "PARALLEL_MIN", 1)
+    path = tmp_path / "ledger.sqlite"
+    make_ledger(path, 20)
+    with open_ledger(f"sqlite:///{path}", create=False) as ledger:
+        assert ledger.verify(workers=3).ok
+    conn = db(path)
+    conn.execute("DELETE FROM ledger_records WHERE seq = ?", (seq,))
+    conn.close()
+    with open_ledger(f"sqlite:///{path}", create=False) as ledger:
+        serial, parallel = ledger.verify(), ledger.verify(workers=3)
+    assert not parallel.ok and parallel.bad_seq == serial.bad_seq == seq
+    assert parallel.problem == serial.problem
