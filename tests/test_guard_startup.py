@@ -177,8 +177,9 @@ def test_a_stuck_ledger_delays_but_never_hangs(tmp_path) -> None:
     open_ledger(f"sqlite:///{path}").close()
     holder = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT, 0o644)
     fcntl.flock(holder, fcntl.LOCK_EX)
-    code = textwrap.dedent(
-        f"""
+    code = (
+        textwrap.dedent(
+            f"""
         import os
         os.environ.update({{"JUPYTER_DUA_GUARD_KERNEL_ID": "k-stuck",
                            "JUPYTER_DUA_GUARD_LEDGER": "sqlite:///{path}"}})
@@ -186,7 +187,9 @@ def test_a_stuck_ledger_delays_but_never_hangs(tmp_path) -> None:
         g.LEDGER_TIMEOUT = 1.0
         g.activate_from_environ()
         """
-    ) + PROBE
+        )
+        + PROBE
+    )
     try:
         started = time.monotonic()
         proc = subprocess.run(
