@@ -205,3 +205,36 @@ def test_a_stuck_ledger_delays_but_never_hangs(tmp_path) -> None:
     assert proc.stdout.strip() == "REFUSED AIEndpointBlocked", proc.stderr
     assert elapsed < 20
     assert "did not take" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_dotted_catalogue_names(tmp_path) -> None:
+    """``google.generativeai`` lives in the shared ``google`` namespace: only that
+    sub-package is recorded, with its distribution's version."""
+    site = tmp_path / "site"
+    (site / "google" / "generativeai").mkdir(parents=True)
+    (site / "google" / "generativeai" / "__init__.py").write_text("")
+    (site / "google" / "protobuf_like").mkdir()
+    (site / "google" / "protobuf_like" / "__init__.py").write_text("")
+    info = site / "google_generativeai-0.8.3.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(
+        "Metadata-Version: 2.1\nName: google-generativeai\nVersion: 0.8.3\n"
+    )
+    url = f"sqlite:///{tmp_path}/ledger.sqlite"
+    code = (
+        f"import sys\nsys.path.insert(0, {str(site)!r})\n"
+        "import google.protobuf_like\nimport google.generativeai\n"
+    )
+    proc = run_python(
+        code,
+        JUPYTER_DUA_GUARD_POLICY=str(tmp_path / "none.json"),
+        JUPYTER_DUA_GUARD_LEDGER=url,
+        JUPYTER_DUA_GUARD_KERNEL_ID="k-ns",
+    )
+    assert proc.returncode == 0, proc.stderr
+    ledger = open_ledger(url)
+    imports = [r["data"] for r in ledger.records() if r["kind"] == "ai_ml_import"]
+    ledger.close()
+    assert [(d["name"], d["distribution"], d["version"]) for d in imports] == [
+        ("google.generativeai", "google-generativeai", "0.8.3")
+    ]
