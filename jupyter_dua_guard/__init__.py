@@ -5,9 +5,13 @@ guarded Python process, so the Jupyter server is only imported when the server a
 its extension points.
 """
 
-from typing import Any
+from __future__ import annotations
 
 from ._version import __version__
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # typing would cost every guarded process start-up time
+    from typing import Any
 
 __all__ = ["__version__"]
 

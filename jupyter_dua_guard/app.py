@@ -18,6 +18,9 @@ from .ledger import Ledger, LedgerError, open_ledger
 
 API_PREFIX = "/dua-guard/api"
 
+# The server process can only be guarded once: audit hooks cannot be removed.
+_server_guard: dict[str, Any] = {}
+
 
 class DUAGuardExtension(ExtensionApp):
     """Server side of jupyter-dua-guard, auto-enabled by ``jupyter-config/``."""
@@ -47,6 +50,68 @@ class DUAGuardExtension(ExtensionApp):
             self.log.error("jupyter-dua-guard: usage ledger unavailable: %s", exc)
         self._register_event_schema()
         self._watch_kernel_starts()
+        if self.guard.enabled:
+            self._start_kernel_guard()
+
+    def _start_kernel_guard(self) -> None:
+        """Write the kernels' policy, make the guard provisioner the default, guard us."""
+        from jupyter_client.provisioning.factory import KernelProvisionerFactory
+
+        from . import guard as kernel_guard
+        from .policy import Policy, PolicyError, build_policy, load_policy, write_policy
+        from .provisioner import PROVISIONER_NAME, register_server_settings
+
+        g = self.guard
+        try:
+            policy_doc = build_policy(
+                blocked_hosts=g.blocked_hosts,
+                allowed_hosts=g.allowed_hosts,
+                model_servers=g.model_servers,
+                packages=g.ai_packages,
+                data_paths=g.data_paths,
+                mode=g.mode,
+                model_artifact_patterns=g.model_artifact_patterns,
+                base_dir=os.path.abspath(os.path.expanduser(self.serverapp.root_dir)),
+            )
+            policy = Policy(policy_doc)
+        except (PolicyError, OSError, ValueError) as e:
+            self.log.error(
+                "jupyter-dua-guard: DUAGuard settings unusable (%s); kernels run on the "
+                "built-in AI catalogue until the setting is fixed.",
+                e,
+            )
+            policy = load_policy(None)
+            policy_doc = policy.raw
+        runtime_dir = self.serverapp.runtime_dir
+        path = write_policy(
+            policy_doc, os.path.join(runtime_dir, f"jupyter_dua_guard_policy-{os.getpid()}.json")
+        )
+        ledger_url = self.guard.ledger_url or None
+        register_server_settings(
+            self.serverapp,
+            {
+                "policy_path": path,
+                "ledger_url": ledger_url,
+                "mode": policy.mode,
+                "root_dir": os.path.abspath(os.path.expanduser(self.serverapp.root_dir)),
+            },
+        )
+        factory = KernelProvisionerFactory.instance(parent=self.serverapp)
+        if factory.default_provisioner_name in ("local-provisioner", PROVISIONER_NAME):
+            factory.default_provisioner_name = PROVISIONER_NAME
+        else:
+            self.log.warning(
+                "jupyter-dua-guard: KernelProvisionerFactory.default_provisioner_name is %r; "
+                "kernels it starts are not guarded. Set it to %r.",
+                factory.default_provisioner_name,
+                PROVISIONER_NAME,
+            )
+        self.log.info("jupyter-dua-guard: kernels guarded (mode %s, policy %s)", policy.mode, path)
+        if not _server_guard:
+            _server_guard.update(
+                kernel_guard.install(policy, ledger_url=ledger_url, protect_env=False)
+            )
+            self.log.info("jupyter-dua-guard: server process guarded (%s hook)", _server_guard)
 
     def _register_event_schema(self) -> None:
         """Let jupyter_events listeners see the ledger's records as they are written."""

@@ -7,9 +7,12 @@ the Jupyter server.
 """
 
 import os
+from typing import Any
 
-from traitlets import Bool, Int, List, TraitError, Unicode, default, validate
+from traitlets import Bool, Dict, Enum, Int, List, TraitError, Unicode, default, validate
 from traitlets.config import Configurable
+
+from .policy import DEFAULT_MODEL_ARTIFACT_PATTERNS, HostSet, PolicyError
 
 
 class SettingsError(ValueError):
@@ -113,3 +116,86 @@ class DUAGuard(Configurable):
                 "jupyter_server_config.py/json or on the command line "
                 "(`jupyter dua-guard --help-all` lists every setting)."
             ) from None
+
+    mode = Enum(
+        ["block", "record"],
+        default_value="block",
+        help=(
+            "What kernels do about connections to external AI services (NCCR DUA sec. 22): "
+            "'block' refuses them with an error and records the refusal; 'record' lets them "
+            "through and only records them (for a supervised pilot)."
+        ),
+    ).tag(config=True)
+
+    blocked_hosts = List(
+        Unicode(),
+        help=(
+            "Extra AI service hosts to refuse, on top of the built-in catalogue "
+            "(jupyter_dua_guard/data/ai_endpoints.json). Host names (case-insensitive), "
+            "'*.example.com' for sub-domains, IP addresses or CIDR ranges."
+        ),
+    ).tag(config=True)
+
+    allowed_hosts = List(
+        Unicode(),
+        help=(
+            "Hosts that are always allowed, even when the block-list names them - e.g. the "
+            "site's approved on-premises model server. Connections to allowed AI hosts are "
+            "recorded as AI tool use. Same pattern syntax as blocked_hosts."
+        ),
+    ).tag(config=True)
+
+    model_servers = List(
+        Unicode(),
+        help=(
+            "Approved AI model servers inside the secure environment (host patterns): "
+            "connections are allowed and recorded as AI tool use. Loopback ports of common "
+            "local model servers (Ollama 11434, LM Studio 1234, llama.cpp 8080, ...) are "
+            "recognised without configuration."
+        ),
+    ).tag(config=True)
+
+    ai_packages = Dict(
+        help=(
+            "Extra AI/ML packages to record when a kernel imports them, on top of the "
+            "built-in catalogue (jupyter_dua_guard/data/ai_ml_packages.json): import name -> "
+            "distribution name, or -> {'distributions': [...], 'category': '...'}."
+        ),
+    ).tag(config=True)
+
+    data_paths = List(
+        Unicode(),
+        help=(
+            "Where the DUA Data lives: path globs ('/data/seer/**', '~/nccr/*.csv'; relative "
+            "paths are taken from the server's root directory; a plain directory covers "
+            "everything under it). Kernels record each such file they read (path and size, "
+            "never content) once, so the records show which AI/ML tools ran alongside the Data."
+        ),
+    ).tag(config=True)
+
+    model_artifact_patterns = List(
+        Unicode(),
+        default_value=list(DEFAULT_MODEL_ARTIFACT_PATTERNS),
+        help=(
+            "File-name globs of model weights and trained models; writing one from a kernel "
+            "is recorded (models must be destroyed at close-out, DUA sec. 22)."
+        ),
+    ).tag(config=True)
+
+    @validate("blocked_hosts", "allowed_hosts", "model_servers")
+    def _check_hosts(self, proposal: Any) -> list[str]:
+        try:
+            HostSet(proposal["value"])
+        except PolicyError as e:
+            raise TraitError(f"DUAGuard.{proposal['trait'].name}: {e}") from None
+        return proposal["value"]
+
+    @validate("ai_packages")
+    def _check_packages(self, proposal: Any) -> dict[str, Any]:
+        for name, value in proposal["value"].items():
+            if not isinstance(value, (str, dict)):
+                raise TraitError(
+                    f"DUAGuard.ai_packages[{name!r}]: give a distribution name or "
+                    "{'distributions': [...], 'category': '...'}"
+                )
+        return proposal["value"]
