@@ -73,10 +73,23 @@ def ledger_url(tmp_path, monkeypatch):
 
 @pytest.mark.timeout(180)
 async def test_flagged_dataframe_carries_findings_and_is_recorded(
-    jp_fetch, jp_ws_fetch, ledger_url
+    jp_fetch, jp_ws_fetch, ledger_url, jp_root_dir
 ):
-    resp = await jp_fetch("api", "kernels", method="POST", body=json.dumps({"name": "python3"}))
-    kernel_id = json.loads(resp.body)["id"]
+    # Started as JupyterLab starts a notebook's kernel, so the guard knows the notebook.
+    (jp_root_dir / "analysis").mkdir()
+    resp = await jp_fetch(
+        "api",
+        "sessions",
+        method="POST",
+        body=json.dumps(
+            {
+                "path": "analysis/survival.ipynb",
+                "type": "notebook",
+                "kernel": {"name": "python3"},
+            }
+        ),
+    )
+    kernel_id = json.loads(resp.body)["kernel"]["id"]
     ws = await jp_ws_fetch("api", "kernels", kernel_id, "channels")
     session = uuid.uuid4().hex
     try:
