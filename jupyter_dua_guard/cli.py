@@ -5,6 +5,7 @@ import sys
 from jupyter_core.application import JupyterApp
 
 from ._version import __version__
+from .cli_db import SUBCOMMANDS as DB_SUBCOMMANDS
 from .cli_ledger import SUBCOMMANDS as LEDGER_SUBCOMMANDS
 from .config import DUAGuard, SettingsError
 
@@ -22,7 +23,7 @@ class DUAGuardApp(JupyterApp):
         "(c.DUAGuard.*) and from --DUAGuard.<setting>=... on the command line."
     )
     classes = [DUAGuard]
-    subcommands: dict = {**LEDGER_SUBCOMMANDS}
+    subcommands: dict = {**LEDGER_SUBCOMMANDS, **DB_SUBCOMMANDS}
     guard: DUAGuard
 
     # Read the server's configuration files so that the command line sees the same settings.

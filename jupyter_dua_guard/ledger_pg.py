@@ -35,7 +35,7 @@ from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from . import events
 from .ledger import (
@@ -120,20 +120,20 @@ _RECORDS_SQL = f"""CREATE TABLE {SCHEMA}.ledger_records (
         WHEN 'review_signed' THEN {_J} -> 'data' ->> 'reviewer'
         WHEN 'kernel_started' THEN {_J} -> 'data' ->> 'kernel_name'
         END) STORED,
-    detail jsonb GENERATED ALWAYS AS (CASE {_J} ->> 'kind'
-        WHEN 'ai_ml_import' THEN {_J} -> 'data' -> 'version'
-        WHEN 'egress_blocked' THEN {_J} -> 'data' -> 'port'
-        WHEN 'egress_allowed_ai' THEN {_J} -> 'data' -> 'port'
-        WHEN 'model_artifact_written' THEN {_J} -> 'data' -> 'library'
-        WHEN 'data_read' THEN {_J} -> 'data' -> 'format'
-        WHEN 'review_signed' THEN {_J} -> 'data' -> 'notebook'
+    detail text GENERATED ALWAYS AS (CASE {_J} ->> 'kind'
+        WHEN 'ai_ml_import' THEN {_J} -> 'data' ->> 'version'
+        WHEN 'egress_blocked' THEN {_J} -> 'data' ->> 'port'
+        WHEN 'egress_allowed_ai' THEN {_J} -> 'data' ->> 'port'
+        WHEN 'model_artifact_written' THEN {_J} -> 'data' ->> 'library'
+        WHEN 'data_read' THEN {_J} -> 'data' ->> 'format'
+        WHEN 'review_signed' THEN {_J} -> 'data' ->> 'notebook'
         END) STORED,
-    extra jsonb GENERATED ALWAYS AS (CASE {_J} ->> 'kind'
-        WHEN 'ai_ml_import' THEN {_J} -> 'data' -> 'category'
-        WHEN 'egress_blocked' THEN {_J} -> 'data' -> 'rule'
-        WHEN 'egress_allowed_ai' THEN {_J} -> 'data' -> 'rule'
-        WHEN 'model_artifact_written' THEN {_J} -> 'data' -> 'size'
-        WHEN 'review_signed' THEN {_J} -> 'data' -> 'scope'
+    extra text GENERATED ALWAYS AS (CASE {_J} ->> 'kind'
+        WHEN 'ai_ml_import' THEN {_J} -> 'data' ->> 'category'
+        WHEN 'egress_blocked' THEN {_J} -> 'data' ->> 'rule'
+        WHEN 'egress_allowed_ai' THEN {_J} -> 'data' ->> 'rule'
+        WHEN 'model_artifact_written' THEN {_J} -> 'data' ->> 'size'
+        WHEN 'review_signed' THEN {_J} -> 'data' ->> 'scope'
         END) STORED
 )"""
 
@@ -220,8 +220,8 @@ def split_url(url: str) -> tuple[str, dict[str, str]]:
     libpq = [(k, v) for k, v in query if k not in _OWN_OPTIONS]
     present = {k for k, _ in libpq}
     libpq += [(k, v) for k, v in _LIBPQ_DEFAULTS.items() if k not in present]
-    scheme = "postgresql"
-    return urlunsplit((scheme, parts.netloc, parts.path, urlencode(libpq), "")), own
+    # Built by hand: urlunsplit drops the "//" of an empty host (postgresql:///?service=x).
+    return f"postgresql://{parts.netloc}{parts.path}?{urlencode(libpq)}", own
 
 
 def default_spool_dir() -> Path:
@@ -682,7 +682,7 @@ class PostgresLedger(Ledger):
                 params,
             ),
             "distinct": (
-                "SELECT kind, subject, NULL::jsonb, NULL::jsonb, "
+                "SELECT kind, subject, NULL, NULL, "
                 "count(DISTINCT nullif(kernel, '')), count(DISTINCT nullif(notebook, '')) "
                 f"FROM {table} WHERE kind IN ('ai_ml_import', 'kernel_started') {and_where} "
                 "GROUP BY kind, subject UNION ALL SELECT kind, subject, detail, extra, "
