@@ -42,7 +42,9 @@ class DUAGuardExtension(ExtensionApp):
         self.log.info("jupyter-dua-guard %s: guard %s", __version__, state)
         try:
             self.ledger()
-            self.log.info("jupyter-dua-guard: usage ledger at %s", redact_url(self.guard.ledger_url))
+            self.log.info(
+                "jupyter-dua-guard: usage ledger at %s", redact_url(self.guard.ledger_url)
+            )
         except LedgerError as exc:
             self.log.error("jupyter-dua-guard: usage ledger unavailable: %s", exc)
         self._register_event_schema()

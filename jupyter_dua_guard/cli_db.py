@@ -52,9 +52,9 @@ class DbInitApp(_DbCommand):
     )
     owner_role = Unicode("dua_guard_owner", help="Name of the owner role.").tag(config=True)
     writer_role = Unicode("dua_guard_writer", help="Name of the writer role.").tag(config=True)
-    members = List(
-        Unicode(), help="Existing roles (e.g. hub users) granted the writer role."
-    ).tag(config=True)
+    members = List(Unicode(), help="Existing roles (e.g. hub users) granted the writer role.").tag(
+        config=True
+    )
     aliases = {
         **_COMMON_ALIASES,
         "owner-role": "DbInitApp.owner_role",
@@ -105,14 +105,15 @@ class DbStatusApp(_DbCommand):
     aliases = {**_COMMON_ALIASES, "spool": "DbStatusApp.spool"}
 
     def run(self) -> int:
-        from .ledger_pg import db_status, spool_files, split_url
+        from .ledger_pg import db_status, split_url, spool_files
 
         url = self.url()
         status = db_status(url)
         version = status["schema_version"]
+        shown = version if version else "none (run db init)"
         print(
-            f"ledger {redact_url(url)}: schema version {version if version else 'none (run db init)'}"
-            f", this jupyter-dua-guard needs {status['current']}"
+            f"ledger {redact_url(url)}: schema version {shown}, this jupyter-dua-guard needs "
+            f"{status['current']}"
         )
         files = spool_files(self.spool or split_url(url)[1].get("spool"))
         print(f"{len(files)} spool file(s) waiting" + "".join(f"\n  {f}" for f in files))

@@ -298,8 +298,7 @@ def render_csv(report: dict[str, Any]) -> str:
             "count": report["events"],
             "kernels": report["kernels"],
             "notebooks": len(report["notebooks"]),
-            "detail": f"ledger {report['ledger']}; generated {report['generated']}; "
-            f"{_who(report)}",
+            "detail": f"ledger {report['ledger']}; generated {report['generated']}; {_who(report)}",
         }
     )
     for item in report.get("users", []):
@@ -458,9 +457,11 @@ def _who(report: dict[str, Any]) -> str:
     filters = report.get("filters") or {}
     users = report.get("users") or []
     scope = ", ".join(f"{k} {v}" for k, v in filters.items() if v) or "all users and hosts"
-    return f"{scope} ({len(users)} user{'s' if len(users) != 1 else ''}: " + (
-        ", ".join(u["user"] for u in users) or "none"
-    ) + ")"
+    return (
+        f"{scope} ({len(users)} user{'s' if len(users) != 1 else ''}: "
+        + (", ".join(u["user"] for u in users) or "none")
+        + ")"
+    )
 
 
 def render_html(report: dict[str, Any]) -> str:
@@ -524,12 +525,18 @@ def render_html(report: dict[str, Any]) -> str:
         _table(
             ["User", "Hosts", "Events", "AI/ML imports", "First event", "Last event"],
             [
-                [u["user"], ", ".join(u["hosts"]), u["events"], u["ai_ml_imports"], u["first"],
-                 u["last"]]
+                [
+                    u["user"],
+                    ", ".join(u["hosts"]),
+                    u["events"],
+                    u["ai_ml_imports"],
+                    u["first"],
+                    u["last"],
+                ]
                 for u in report.get("users", [])
             ],
             "No user recorded an event in this period.",
-        ),  # fmt: skip
+        ),
         "<h2>Blocked egress attempts</h2>",
         _table(
             ["Host", "Port", "Rule", "Attempts", "First", "Last", "Notebooks"],

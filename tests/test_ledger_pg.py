@@ -14,7 +14,7 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from pg_server import ADMIN_PASSWORD, OWNER_PASSWORD, WRITER_PASSWORD, free_port
+from pg_server import ADMIN_PASSWORD, WRITER_PASSWORD, free_port
 
 from jupyter_dua_guard import ledger_pg
 from jupyter_dua_guard.ledger import LedgerError, open_ledger, redact_url
@@ -128,7 +128,12 @@ def test_same_chain_and_records_as_sqlite(pg_ledger, tmp_path):
         assert list(sqlite.records()) == list(pg.records())
         assert pg.verify().head == sqlite.verify().head
         assert pg.count(kinds=["ai_ml_import"]) == 1
-        assert [r["seq"] for r in pg.records(notebook="nb/*.ipynb", descending=True)] == [4, 3, 2, 1]
+        assert [r["seq"] for r in pg.records(notebook="nb/*.ipynb", descending=True)] == [
+            4,
+            3,
+            2,
+            1,
+        ]
         got = pg.aggregate()
         want = sqlite.aggregate()
         key = lambda r: json.dumps(r, sort_keys=True, default=str)  # noqa: E731
@@ -179,7 +184,9 @@ def test_user_and_host_filters_in_log_report_closeout(pg_ledger, tmp_path):
 def test_cli_verify_report_log_on_postgres(pg_ledger, tmp_path):
     fill(pg_ledger.writer, 5, notebook="nb/x.ipynb")
     proc = cli("verify", "--ledger", pg_ledger.writer)
-    assert proc.returncode == 0 and "5 records" in proc.stdout and WRITER_PASSWORD not in proc.stdout
+    assert (
+        proc.returncode == 0 and "5 records" in proc.stdout and WRITER_PASSWORD not in proc.stdout
+    )
     head = proc.stdout.split("head ")[1].split()[0]
     out = tmp_path / "r.html"
     proc = cli("report", "--ledger", pg_ledger.writer, "-o", str(out), "--head", head)
