@@ -25,6 +25,8 @@ Credentials come from the URL, a libpq service file (``?service=NAME``) or the e
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import os
 import re
 import socket
@@ -35,7 +37,7 @@ from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qsl, urlencode, urlsplit
+from urllib.parse import parse_qsl, quote, urlencode, urlsplit
 
 from . import events
 from .ledger import (
@@ -53,6 +55,7 @@ from .ledger import (
     default_ledger_url,
     diagnose_rows,
     parse_time,
+    record_hash,
     redact_url,
 )
 
@@ -102,6 +105,7 @@ _RECORDS_SQL = f"""CREATE TABLE {SCHEMA}.ledger_records (
     prev text NOT NULL,
     hash text NOT NULL,
     body text NOT NULL,
+    pending_id bigint UNIQUE,
     time text GENERATED ALWAYS AS ({_J} ->> 'time') STORED,
     kind text GENERATED ALWAYS AS ({_J} ->> 'kind') STORED,
     username text GENERATED ALWAYS AS ({_J} -> 'context' ->> 'user') STORED,
@@ -137,16 +141,60 @@ _RECORDS_SQL = f"""CREATE TABLE {SCHEMA}.ledger_records (
         END) STORED
 )"""
 
-# The append function: lock, read the head, chain and insert — one round trip per append.
-# ``known`` (flushes from a spool) skips events already stored before this call, found by
-# their time and content, so that re-flushing a spool never duplicates an event.
+# Appends in two steps, so that many writers share each fsync (group commit) instead of
+# queueing behind one lock across it:
+# 1. the event is committed durably to ``ledger_pending`` (plain INSERT; concurrent commits
+#    are flushed together by PostgreSQL);
+# 2. ``chain(ids)`` takes the advisory lock, chains *every* pending event in id order after
+#    the head and removes it from ``ledger_pending`` in the same transaction, then returns the
+#    caller's records. That transaction commits asynchronously: were the server to crash
+#    before its WAL is flushed, it is lost as a whole, and its events, still pending, are
+#    chained again by the next append — never lost, never twice, the chain always a prefix.
+# ``_drain`` is the shared chaining step; the caller holds the lock.
+_DRAIN_SQL = f"""CREATE FUNCTION {SCHEMA}._drain() RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+DECLARE
+    s bigint; p text; b text; h text; rec record; done bigint[] := '{{}}';
+BEGIN
+    SELECT r.seq, r.hash INTO s, p FROM {SCHEMA}.ledger_records r ORDER BY r.seq DESC LIMIT 1;
+    IF NOT FOUND THEN s := 0; p := repeat('0', 64); END IF;
+    FOR rec IN SELECT q.id, q.head, q.time FROM {SCHEMA}.ledger_pending q ORDER BY q.id LOOP
+        s := s + 1;
+        b := rec.head || ',"seq":' || s || ',"time":"' || rec.time || '"}}';
+        h := encode(sha256(convert_to(p || E'\\n' || b, 'UTF8')), 'hex');
+        INSERT INTO {SCHEMA}.ledger_records (seq, prev, hash, body, pending_id)
+            VALUES (s, p, h, b, rec.id);
+        p := h;
+        done := done || rec.id;
+    END LOOP;
+    DELETE FROM {SCHEMA}.ledger_pending WHERE id = ANY(done);
+END
+$fn$"""
+
+_CHAIN_SQL = f"""CREATE FUNCTION {SCHEMA}.chain(mine bigint[])
+RETURNS TABLE (r_id bigint, r_seq bigint, r_prev text, r_hash text)
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+BEGIN
+    IF EXISTS (SELECT 1 FROM {SCHEMA}.ledger_pending q WHERE q.id = ANY(mine)) THEN
+        PERFORM pg_advisory_xact_lock({LOCK_KEY});
+        PERFORM set_config('synchronous_commit', 'off', true);
+        PERFORM {SCHEMA}._drain();
+    END IF;
+    RETURN QUERY SELECT r.pending_id, r.seq, r.prev, r.hash FROM {SCHEMA}.ledger_records r
+        WHERE r.pending_id = ANY(mine) ORDER BY r.seq;
+END
+$fn$"""
+
+# Flushing a spool: chain what is pending, then the spooled events in their order, skipping
+# any already stored (same time and content) so that re-flushing never duplicates; durable.
 _APPEND_SQL = f"""CREATE FUNCTION {SCHEMA}.append(heads text[], times text[], known boolean)
 RETURNS TABLE (r_seq bigint, r_prev text, r_hash text)
-LANGUAGE plpgsql AS $fn$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
 DECLARE
     s bigint; s0 bigint; p text; b text; h text;
 BEGIN
     PERFORM pg_advisory_xact_lock({LOCK_KEY});
+    PERFORM {SCHEMA}._drain();
     SELECT r.seq, r.hash INTO s, p FROM {SCHEMA}.ledger_records r ORDER BY r.seq DESC LIMIT 1;
     IF NOT FOUND THEN s := 0; p := repeat('0', 64); END IF;
     s0 := s;
@@ -181,6 +229,8 @@ _TRIGGERS = ("ledger_records_append_only", "ledger_records_no_truncate")
 _BASE_SCHEMA = [
     f"CREATE TABLE {SCHEMA}.ledger_meta (key text PRIMARY KEY, value text NOT NULL)",
     _RECORDS_SQL,
+    f"CREATE TABLE {SCHEMA}.ledger_pending (id bigserial PRIMARY KEY, head text NOT NULL, "
+    "time text NOT NULL)",
     f"CREATE INDEX ledger_records_time ON {SCHEMA}.ledger_records (time)",
     f"CREATE INDEX ledger_records_kind ON {SCHEMA}.ledger_records (kind, time)",
     _REFUSE_SQL,
@@ -188,6 +238,8 @@ _BASE_SCHEMA = [
     f"FOR EACH ROW EXECUTE FUNCTION {SCHEMA}.refuse_change()",
     f"CREATE TRIGGER {_TRIGGERS[1]} BEFORE TRUNCATE ON {SCHEMA}.ledger_records "
     f"FOR EACH STATEMENT EXECUTE FUNCTION {SCHEMA}.refuse_change()",
+    _DRAIN_SQL,
+    _CHAIN_SQL,
     _APPEND_SQL,
 ]
 
@@ -221,7 +273,17 @@ def split_url(url: str) -> tuple[str, dict[str, str]]:
     present = {k for k, _ in libpq}
     libpq += [(k, v) for k, v in _LIBPQ_DEFAULTS.items() if k not in present]
     # Built by hand: urlunsplit drops the "//" of an empty host (postgresql:///?service=x).
-    return f"postgresql://{parts.netloc}{parts.path}?{urlencode(libpq)}", own
+    return f"postgresql://{parts.netloc}{parts.path}?{urlencode(libpq, quote_via=quote)}", own
+
+
+def spool_key(url: str) -> str:
+    """A short name for the database a URL points at (host, port, database, user, service)."""
+    parts = urlsplit(url)
+    netloc = parts.netloc.rsplit("@", 1)
+    user = netloc[0].split(":", 1)[0] if len(netloc) == 2 else ""
+    service = dict(parse_qsl(parts.query)).get("service", "")
+    ident = f"{user}@{netloc[-1]}{parts.path}?service={service}"
+    return "db-" + hashlib.sha256(ident.encode()).hexdigest()[:16]
 
 
 def default_spool_dir() -> Path:
@@ -268,7 +330,9 @@ class PostgresLedger(Ledger):
                 f"ledger URL {self.url}: retry and statement_timeout must be seconds"
             ) from None
         self.read_timeout = timeout
-        self.spool_dir = Path(own.get("spool") or default_spool_dir()).expanduser().absolute()
+        base = Path(own.get("spool") or default_spool_dir()).expanduser().absolute()
+        # One sub-directory per database, so that a spool is only ever flushed where it belongs.
+        self.spool_dir = base / spool_key(url)
         self._lock = threading.RLock()
         self._pid = os.getpid()
         self._conn_obj: Any = None
@@ -410,21 +474,50 @@ class PostgresLedger(Ledger):
         return rows
 
     def _to_database(self, prepared: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        rows = self._call_append(
-            [p["head"] for p in prepared], [p["time"] for p in prepared], False
-        )
-        if len(rows) != len(prepared):
-            raise LedgerError(f"ledger {self.url} stored {len(rows)} of {len(prepared)} events")
-        chained = self._chain(prepared, rows[0][0] - 1, rows[0][1])
-        for mine, theirs in zip(chained, rows, strict=True):
-            if (mine[0], mine[1], mine[2]) != tuple(theirs):
+        heads, times = _columns(prepared)
+        conn = self._connection()
+        try:
+            ids = [
+                r[0]
+                for r in conn.execute(
+                    f"INSERT INTO {SCHEMA}.ledger_pending (head, time) "
+                    "SELECT * FROM unnest(%s::text[], %s::text[]) RETURNING id",
+                    (heads, times),
+                ).fetchall()
+            ]
+        except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
+            raise _Unavailable(_one_line(exc)) from None
+        except psycopg.Error as exc:
+            self._drop_connection()
+            raise _Unavailable(
+                f"{_one_line(exc)} — check `jupyter dua-guard db init` and the role's grants"
+            ) from None
+        # From here on the events are durably in the database: never spool them again.
+        try:
+            rows = conn.execute(
+                f"SELECT r_id, r_seq, r_prev, r_hash FROM {SCHEMA}.chain(%s)", (sorted(ids),)
+            ).fetchall()
+        except psycopg.Error as exc:
+            self._drop_connection()
+            self.last_error = _one_line(exc)
+            rows = []
+        self.last_error = None if rows else self.last_error
+        by_id = {r[0]: r[1:] for r in rows}
+        stored = []
+        for event, pid in zip(prepared, sorted(ids), strict=True):
+            if pid not in by_id:  # stored, chained by the next append
+                stored.append({**_record_of(event), "seq": None, "prev": None, "hash": None})
+                continue
+            seq, prev, digest = by_id[pid]
+            body = f'{event["head"]},"seq":{seq},"time":"{event["time"]}"}}'
+            if record_hash(prev, body) != digest:
                 raise LedgerError(
-                    f"ledger {self.url} hashed record {theirs[0]} differently from this client: "
-                    "the database is not UTF-8 or its append function was altered; run "
+                    f"ledger {self.url} hashed record {seq} differently from this client: the "
+                    "database is not UTF-8 or its chain function was altered; run "
                     "`jupyter dua-guard verify`"
                 )
-        self.last_error = None
-        return self._stored(chained)
+            stored.extend(self._stored([(seq, prev, digest, body)]))
+        return stored
 
     # -- spool
     def _spool_path(self) -> Path:
@@ -788,6 +881,10 @@ class PostgresLedger(Ledger):
             conn.close()
 
 
+def _record_of(event: dict[str, Any]) -> dict[str, Any]:
+    return {**json.loads(event["head"] + "}"), "time": event["time"]}
+
+
 def _columns(batch: list[dict[str, Any]]) -> tuple[list[str], list[str]]:
     return [p["head"] for p in batch], [p["time"] for p in batch]
 
@@ -1006,9 +1103,12 @@ def _grant(conn: Any, owner: str, writer: str) -> None:
         "GRANT USAGE ON SCHEMA {s} TO {w}",
         "REVOKE ALL ON ALL TABLES IN SCHEMA {s} FROM PUBLIC, {w}",
         "GRANT SELECT, INSERT ON {s}.ledger_records TO {w}",
+        "GRANT SELECT, INSERT ON {s}.ledger_pending TO {w}",
+        "GRANT USAGE ON SEQUENCE {s}.ledger_pending_id_seq TO {w}",
         "GRANT SELECT ON {s}.ledger_meta TO {w}",
         "REVOKE ALL ON ALL FUNCTIONS IN SCHEMA {s} FROM PUBLIC",
         "GRANT EXECUTE ON FUNCTION {s}.append(text[], text[], boolean) TO {w}, {o}",
+        "GRANT EXECUTE ON FUNCTION {s}.chain(bigint[]) TO {w}, {o}",
     ):
         conn.execute(_sql.SQL(stmt).format(s=s, w=w, o=o))
 
@@ -1080,4 +1180,4 @@ def db_upgrade(url: str, *, _conn: Any = None) -> list[str]:
 def spool_files(spool_dir: str | os.PathLike[str] | None = None) -> list[Path]:
     """Spools waiting in ``spool_dir`` (default: the per-user spool directory)."""
     folder = Path(spool_dir) if spool_dir else default_spool_dir()
-    return sorted(folder.glob("spool-*.sqlite")) if folder.is_dir() else []
+    return sorted(folder.rglob("spool-*.sqlite")) if folder.is_dir() else []

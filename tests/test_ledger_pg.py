@@ -238,7 +238,7 @@ def test_many_writers_on_two_hosts_total_gap_free_order(pg_ledger):
         assert {r["context"]["host"] for r in rows} == {"hub-node-a", "hub-node-b"}
         assert ledger.verify().ok
         assert ledger.spooled() == 0
-    assert not list(pg_ledger.spool.glob("spool-*.sqlite"))
+    assert not list(pg_ledger.spool.rglob("spool-*.sqlite"))
 
 
 # --------------------------------------------------------------------------- append-only
@@ -366,6 +366,18 @@ def test_db_upgrade_applies_migrations_in_order(pg_ledger, monkeypatch):
 # --------------------------------------------------------------------------- outages and spool
 
 
+def adopt_spool(spool: Path, url: str) -> None:
+    """Treat spools written for an unreachable address as the real database's (as if that
+    address had been the database all along), and check they were kept apart before."""
+    target = spool / ledger_pg.spool_key(url)
+    target.mkdir(parents=True, exist_ok=True)
+    with open_ledger(url) as other:  # a spool of another database is never flushed here
+        assert other.count() == 0
+    for path in list(spool.glob("db-*/spool-*")):
+        if path.parent != target:
+            path.rename(target / path.name)
+
+
 def test_unreachable_database_spools_and_spool_verifies(pg_ledger, tmp_path):
     spool = tmp_path / "spool-down"
     down = f"postgresql://dua_guard_writer:{WRITER_PASSWORD}@127.0.0.1:{free_port()}/x"
@@ -375,17 +387,18 @@ def test_unreachable_database_spools_and_spool_verifies(pg_ledger, tmp_path):
     assert time.monotonic() - t0 < 10
     assert [r["seq"] for r in stored] == [1, 2, 3, 4, 5] and ledger.spooled() == 5
     ledger.close()
-    files = list(spool.glob("spool-*.sqlite"))
+    files = list(spool.rglob("spool-*.sqlite"))
     assert len(files) == 1
     proc = cli("verify", "--ledger", f"sqlite:///{files[0]}")
     assert proc.returncode == 0 and "5 records" in proc.stdout
     # the database is back (here: the real one): the spool is flushed once, in order
     url = pg_ledger.server.url("dua_guard_writer", WRITER_PASSWORD, pg_ledger.db, spool=str(spool))
+    adopt_spool(spool, url)
     with open_ledger(url) as back:
         versions = [r["data"]["version"] for r in back.records()]
         assert versions == [f"1.{i}" for i in range(5)]
         assert back.verify().ok
-    assert not list(spool.glob("spool-*"))
+    assert not list(spool.rglob("spool-*"))
 
 
 def test_silent_server_never_hangs_a_kernel(tmp_path):
@@ -413,17 +426,19 @@ def test_reflushing_a_spool_never_duplicates(pg_ledger, tmp_path):
     with open_ledger(down) as ledger:
         ledger.append_many([("ai_ml_import", TOOL, None)] * 3)  # identical events, one burst
         ledger.append("ai_ml_import", {**TOOL, "version": "last"})
-    (path,) = spool.glob("spool-*.sqlite")
+    (path,) = spool.rglob("spool-*.sqlite")
     backup = tmp_path / "copy.sqlite"
     backup.write_bytes(path.read_bytes())
     url = pg_ledger.server.url("dua_guard_writer", WRITER_PASSWORD, pg_ledger.db, spool=str(spool))
+    adopt_spool(spool, url)
+    (path,) = spool.rglob("spool-*.sqlite")
     with open_ledger(url) as ledger:
         assert ledger.count() == 4
         # the same spool again (a crash after the database committed, before the file went)
         os.replace(backup, path)
         assert ledger.flush() == 0
         assert ledger.count() == 4 and ledger.verify().ok
-    assert not list(spool.glob("spool-*"))
+    assert not list(spool.rglob("spool-*"))
 
 
 def _steady_writer(url: str, wid: int, n: int, out) -> None:
@@ -450,7 +465,7 @@ def test_database_stopped_mid_run_then_restarted(pg_ledger):
         assert probe.count() >= 100
     pg_ledger.server.stop("fast")
     time.sleep(2.5)
-    spooled_during = list(pg_ledger.spool.glob("spool-*.sqlite"))
+    spooled_during = list(pg_ledger.spool.rglob("spool-*.sqlite"))
     pg_ledger.server.start()
     for p in procs:
         p.join(180)
@@ -465,7 +480,7 @@ def test_database_stopped_mid_run_then_restarted(pg_ledger):
             assert mine == list(range(n))  # each writer's order kept
         assert [r["seq"] for r in rows] == list(range(1, n * writers + 1))
         assert ledger.verify().ok
-    assert not list(pg_ledger.spool.glob("spool-*"))
+    assert not list(pg_ledger.spool.rglob("spool-*"))
 
 
 def test_orphan_spool_is_left_alone_while_its_process_lives(pg_ledger, tmp_path):
@@ -474,6 +489,7 @@ def test_orphan_spool_is_left_alone_while_its_process_lives(pg_ledger, tmp_path)
     alive = open_ledger(down)
     alive.append("kernel_started", {"kernel_id": "k"})
     url = pg_ledger.server.url("dua_guard_writer", WRITER_PASSWORD, pg_ledger.db, spool=str(spool))
+    adopt_spool(spool, url)
     with open_ledger(url) as other:
         assert other.count() == 0  # the owner is alive: it flushes its own spool
     alive.close()  # the process "ends": its spool is now an orphan
