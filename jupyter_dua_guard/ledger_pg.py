@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import os
 import re
 import socket
@@ -476,15 +475,27 @@ class PostgresLedger(Ledger):
     def _to_database(self, prepared: list[dict[str, Any]]) -> list[dict[str, Any]]:
         heads, times = _columns(prepared)
         conn = self._connection()
+        insert = (
+            f"INSERT INTO {SCHEMA}.ledger_pending (head, time) "
+            "SELECT * FROM unnest(%s::text[], %s::text[]) RETURNING id"
+        )
+        chain = f"SELECT r_id, r_seq, r_prev, r_hash FROM {SCHEMA}.chain(%s)"
+        # If anything fails once the pending insert may have committed, the events are spooled
+        # all the same: a flush skips events already in the database, so nothing is doubled.
         try:
-            ids = [
-                r[0]
-                for r in conn.execute(
-                    f"INSERT INTO {SCHEMA}.ledger_pending (head, time) "
-                    "SELECT * FROM unnest(%s::text[], %s::text[]) RETURNING id",
-                    (heads, times),
-                ).fetchall()
-            ]
+            if len(prepared) == 1:
+                # One round trip: both statements pipelined, each committed in turn; currval
+                # is this session's own id.
+                with conn.pipeline():
+                    first = conn.execute(insert, (heads, times))
+                    second = conn.execute(
+                        chain.replace("%s", f"ARRAY[currval('{SCHEMA}.ledger_pending_id_seq')]")
+                    )
+                ids = [r[0] for r in first.fetchall()]
+                rows = second.fetchall()
+            else:
+                ids = [r[0] for r in conn.execute(insert, (heads, times)).fetchall()]
+                rows = conn.execute(chain, (sorted(ids),)).fetchall()
         except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
             raise _Unavailable(_one_line(exc)) from None
         except psycopg.Error as exc:
@@ -492,22 +503,15 @@ class PostgresLedger(Ledger):
             raise _Unavailable(
                 f"{_one_line(exc)} — check `jupyter dua-guard db init` and the role's grants"
             ) from None
-        # From here on the events are durably in the database: never spool them again.
-        try:
-            rows = conn.execute(
-                f"SELECT r_id, r_seq, r_prev, r_hash FROM {SCHEMA}.chain(%s)", (sorted(ids),)
-            ).fetchall()
-        except psycopg.Error as exc:
-            self._drop_connection()
-            self.last_error = _one_line(exc)
-            rows = []
-        self.last_error = None if rows else self.last_error
+        self.last_error = None
         by_id = {r[0]: r[1:] for r in rows}
         stored = []
         for event, pid in zip(prepared, sorted(ids), strict=True):
-            if pid not in by_id:  # stored, chained by the next append
-                stored.append({**_record_of(event), "seq": None, "prev": None, "hash": None})
-                continue
+            if pid not in by_id:
+                raise LedgerError(
+                    f"ledger {self.url} did not chain event {pid}: its chain function was "
+                    "altered; run `jupyter dua-guard verify` and `db upgrade`"
+                )
             seq, prev, digest = by_id[pid]
             body = f'{event["head"]},"seq":{seq},"time":"{event["time"]}"}}'
             if record_hash(prev, body) != digest:
@@ -879,10 +883,6 @@ class PostgresLedger(Ledger):
             raise LedgerError(f"cannot verify {self.url} ({_one_line(exc)})") from None
         finally:
             conn.close()
-
-
-def _record_of(event: dict[str, Any]) -> dict[str, Any]:
-    return {**json.loads(event["head"] + "}"), "time": event["time"]}
 
 
 def _columns(batch: list[dict[str, Any]]) -> tuple[list[str], list[str]]:
