@@ -7,10 +7,11 @@ the same hash chain as SQLite, and lets the database itself enforce append-only:
 - ``jupyter dua-guard db init`` creates schema ``dua_guard`` owned by an *owner* role and a
   *writer* role that may only INSERT and SELECT; a trigger refuses UPDATE, DELETE and
   TRUNCATE (even for the owner, unless the owner disables it — which ``verify`` reports).
-- Appends go through one server-side function that takes a transaction-scoped advisory
-  lock, reads the chain head and inserts the chained rows, so the order is total and
-  gap-free however many kernels on however many hosts write at once. The function hashes
-  exactly as ``record_hash`` does; the client checks the hashes it gets back.
+- An append commits the event durably to ``ledger_pending``, then ``chain()`` takes a
+  transaction-scoped advisory lock and chains every pending event after the head, so the
+  order is total and gap-free however many kernels on however many hosts write at once, and
+  concurrent writers share disk flushes. The database hashes exactly as ``record_hash``
+  does; the client checks the hashes it gets back.
 - When the database cannot be reached, events go to a local spool — an ordinary SQLite
   ledger per process under the spool directory — and are flushed in order once the database
   answers again. Flushing is idempotent: an event already in the database (same time and
@@ -432,8 +433,8 @@ class PostgresLedger(Ledger):
                 if time.monotonic() >= self._retry_at:
                     try:
                         self._flush_own()
-                    except _Unavailable as exc:
-                        self._note_down(str(exc))
+                    except (_Unavailable, LedgerError) as exc:
+                        self._note_down(str(exc))  # keep spooling; the events stay in order
                 if self._spool is not None:
                     return self._to_spool(prepared)
             if self._conn_obj is None and time.monotonic() < self._retry_at:
