@@ -150,12 +150,9 @@ _RECORDS_SQL = f"""CREATE TABLE {SCHEMA}.ledger_records (
 #    caller's records. That transaction commits asynchronously: were the server to crash
 #    before its WAL is flushed, it is lost as a whole, and its events, still pending, are
 #    chained again by the next append — never lost, never twice, the chain always a prefix.
-# ``_drain`` is the shared chaining step; the caller holds the lock. The functions run with
-# the caller's rights (SECURITY DEFINER costs about a millisecond per call, a fifth of the
-# append rate); every name in them is schema-qualified. The writer therefore may DELETE from
-# the transient queue ``ledger_pending`` — never from the records, which only grow.
+# ``_drain`` is the shared chaining step; the caller holds the lock.
 _DRAIN_SQL = f"""CREATE FUNCTION {SCHEMA}._drain() RETURNS void
-LANGUAGE plpgsql AS $fn$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
 DECLARE
     s bigint; p text; b text; h text; rec record; done bigint[] := '{{}}';
 BEGIN
@@ -176,7 +173,7 @@ $fn$"""
 
 _CHAIN_SQL = f"""CREATE FUNCTION {SCHEMA}.chain(mine bigint[])
 RETURNS TABLE (r_id bigint, r_seq bigint, r_prev text, r_hash text)
-LANGUAGE plpgsql AS $fn$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
 BEGIN
     IF EXISTS (SELECT 1 FROM {SCHEMA}.ledger_pending q WHERE q.id = ANY(mine)) THEN
         PERFORM pg_advisory_xact_lock({LOCK_KEY});
@@ -192,7 +189,7 @@ $fn$"""
 # any already stored (same time and content) so that re-flushing never duplicates; durable.
 _APPEND_SQL = f"""CREATE FUNCTION {SCHEMA}.append(heads text[], times text[], known boolean)
 RETURNS TABLE (r_seq bigint, r_prev text, r_hash text)
-LANGUAGE plpgsql AS $fn$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
 DECLARE
     s bigint; s0 bigint; p text; b text; h text;
 BEGIN
@@ -1109,13 +1106,12 @@ def _grant(conn: Any, owner: str, writer: str) -> None:
         "GRANT USAGE ON SCHEMA {s} TO {w}",
         "REVOKE ALL ON ALL TABLES IN SCHEMA {s} FROM PUBLIC, {w}",
         "GRANT SELECT, INSERT ON {s}.ledger_records TO {w}",
-        "GRANT SELECT, INSERT, DELETE ON {s}.ledger_pending TO {w}",
+        "GRANT SELECT, INSERT ON {s}.ledger_pending TO {w}",
         "GRANT USAGE ON SEQUENCE {s}.ledger_pending_id_seq TO {w}",
         "GRANT SELECT ON {s}.ledger_meta TO {w}",
         "REVOKE ALL ON ALL FUNCTIONS IN SCHEMA {s} FROM PUBLIC",
         "GRANT EXECUTE ON FUNCTION {s}.append(text[], text[], boolean) TO {w}, {o}",
         "GRANT EXECUTE ON FUNCTION {s}.chain(bigint[]) TO {w}, {o}",
-        "GRANT EXECUTE ON FUNCTION {s}._drain() TO {w}, {o}",
     ):
         conn.execute(_sql.SQL(stmt).format(s=s, w=w, o=o))
 
