@@ -256,6 +256,8 @@ def test_many_writers_on_two_hosts_total_gap_free_order(pg_ledger):
         "CREATE TABLE dua_guard.extra (x int)",
         "CREATE TABLE public.extra (x int)",
         "UPDATE dua_guard.ledger_meta SET value = '0' WHERE key = 'schema_version'",
+        "DELETE FROM dua_guard.ledger_pending",
+        "ALTER FUNCTION dua_guard.chain(bigint[]) SECURITY INVOKER",
     ],
 )
 def test_writer_cannot_change_or_remove_records(pg_ledger, statement):
