@@ -1,6 +1,8 @@
 """Usage-ledger benchmark: appends/s with 1 and 8 writer processes, report time at 1M events.
 
-Run: ``python benchmarks/ledger.py [--events 1000000] [--keep DIR]``. Prints figures measured
+Run: ``python benchmarks/ledger.py [--events 1000000] [--keep DIR] [--no-postgres |
+--only-postgres]``. SQLite first, then the PostgreSQL hub ledger on a throw-away cluster
+(Debian's ``postgresql`` binaries; skipped when absent). Prints figures measured
 in this run (wall and CPU seconds); goals from issue 3: >= 5,000 appends/s with 8 writers,
 report over 1,000,000 events <= 2 s. The 1M-event ledger is generated in bulk (precomputed
 canonical JSON, one transaction) because going through ``append`` would take minutes.
@@ -67,6 +69,29 @@ def canonical(value: object) -> str:
 def generate(path: Path, total: int, seed: int = 7) -> None:
     """Bulk-write ``total`` synthetic, correctly chained events (no case-level values)."""
     open_ledger(f"sqlite:///{path}").close()  # create with the real schema
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("PRAGMA synchronous = OFF")
+    conn.execute("BEGIN IMMEDIATE")
+    rows = []
+    for row in synthetic_rows(total, seed):
+        rows.append(row)
+        if len(rows) == 50_000:
+            conn.executemany(
+                "INSERT INTO ledger_records (seq, prev, hash, body) VALUES (?, ?, ?, ?)", rows
+            )
+            rows.clear()
+    if rows:
+        conn.executemany(
+            "INSERT INTO ledger_records (seq, prev, hash, body) VALUES (?, ?, ?, ?)", rows
+        )
+    conn.execute("COMMIT")
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    conn.execute("ANALYZE")
+    conn.close()
+
+
+def synthetic_rows(total: int, seed: int = 7):  # type: ignore[no-untyped-def]
+    """``(seq, prev, hash, body)`` of ``total`` correctly chained synthetic events."""
     rng = random.Random(seed)
     hosts = [
         ("hpc-node-1", "Linux-5.14-x86_64"),
@@ -141,10 +166,6 @@ def generate(path: Path, total: int, seed: int = 7) -> None:
     step = 365 * 86400 / total
     sha = hashlib.sha256
     prev = GENESIS
-    conn = sqlite3.connect(path, isolation_level=None)
-    conn.execute("PRAGMA synchronous = OFF")
-    conn.execute("BEGIN IMMEDIATE")
-    rows = []
     for seq in range(1, total + 1):
         kind = kinds[rng.randrange(len(kinds))]
         ki = rng.randrange(len(kernels))
@@ -170,21 +191,8 @@ def generate(path: Path, total: int, seed: int = 7) -> None:
             f'"seq":{seq},"time":"{stamp}"}}'
         )
         digest = sha(f"{prev}\n{body}".encode()).hexdigest()
-        rows.append((seq, prev, digest, body))
+        yield (seq, prev, digest, body)
         prev = digest
-        if len(rows) == 50_000:
-            conn.executemany(
-                "INSERT INTO ledger_records (seq, prev, hash, body) VALUES (?, ?, ?, ?)", rows
-            )
-            rows.clear()
-    if rows:
-        conn.executemany(
-            "INSERT INTO ledger_records (seq, prev, hash, body) VALUES (?, ?, ?, ?)", rows
-        )
-    conn.execute("COMMIT")
-    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-    conn.execute("ANALYZE")
-    conn.close()
 
 
 def _cpu() -> float:
@@ -205,7 +213,15 @@ def main() -> None:
     parser.add_argument("--events", type=int, default=1_000_000)
     parser.add_argument("--appends", type=int, default=2000, help="appends per writer")
     parser.add_argument("--keep", help="directory to keep (and reuse) the generated ledger in")
+    parser.add_argument(
+        "--no-postgres", action="store_true", help="skip the PostgreSQL (hub ledger) figures"
+    )
+    parser.add_argument("--only-postgres", action="store_true", help="only the PostgreSQL figures")
     args = parser.parse_args()
+    if args.only_postgres:
+        print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}")
+        postgres(args)
+        return
     workdir = Path(args.keep or tempfile.mkdtemp(prefix="dua-ledger-bench-"))
     workdir.mkdir(parents=True, exist_ok=True)
     print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}")
@@ -253,10 +269,104 @@ def main() -> None:
         f"{len(rep['notebooks'])}, artefacts {len(rep['model_artifacts'])}"
     )
     print(f"goal check: report <= 2 s: {'met' if wall_r <= 2 else 'NOT met'} ({wall_r:.2f} s)")
+    if not args.no_postgres:
+        postgres(args)
     if not args.keep:
         for item in workdir.iterdir():
             item.unlink()
         workdir.rmdir()
+
+
+def postgres(args: argparse.Namespace) -> None:
+    """The hub ledger: a throw-away PostgreSQL cluster on loopback (fsync on, defaults)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from pg_server import OWNER_PASSWORD, WRITER_PASSWORD, start_server
+
+    from jupyter_dua_guard.ledger_pg import db_init
+
+    server = start_server()
+    if server is None:
+        print("PostgreSQL: binaries not found (apt-get install postgresql); figures skipped")
+        return
+    try:
+        print(f"PostgreSQL: throw-away cluster on 127.0.0.1:{server.port} (fsync on, defaults)")
+
+        def fresh() -> tuple[str, str]:
+            db = server.create_database()
+            db_init(
+                server.url(db=db), writer_password=WRITER_PASSWORD, owner_password=OWNER_PASSWORD
+            )
+            return db, server.url("dua_guard_writer", WRITER_PASSWORD, db)
+
+        cases = [
+            (1, 1, "single appends", ""),
+            (8, 1, "single appends", ""),
+            (8, 50, "append_many batches of 50", ""),
+            (
+                8,
+                1,
+                "single appends, synchronous_commit=off",
+                "options=-c%20synchronous_commit%3Doff",
+            ),
+        ]
+        for writers, batch, label, extra in cases:
+            _, url = fresh()
+            if extra:
+                url += "?" + extra
+            per = args.appends if batch == 1 else args.appends * 5
+            per = max(batch, per // 2)
+            print(f"  load average before: {os.getloadavg()[0]:.2f}", end="")
+            rate = appends_per_second(url, writers, per, batch)
+            with open_ledger(url) as ledger:
+                result = ledger.verify()
+            print(
+                f"\r  appends/s, {writers} writer process{'es' if writers > 1 else ''}, {label}: "
+                f"{rate:,.0f}  (records {result.records}, chain intact: {result.ok}; load "
+                f"{os.getloadavg()[0]:.2f})"
+            )
+
+        db, url = fresh()
+        _, wall_g, _ = timed(lambda: _pg_generate(server.url(db=db), args.events))
+        print(f"  loaded {args.events:,} synthetic events with COPY in {wall_g:.1f} s")
+        with open_ledger(url) as ledger:
+            agg, wall_a, _ = timed(lambda: ledger.aggregate())
+            cpus = os.cpu_count() or 1
+            ver, wall_v, _ = timed(lambda: ledger.verify(workers=cpus))
+            ver1, wall_v1, _ = timed(lambda: ledger.verify(workers=1))
+            rep, wall_r, _ = timed(lambda: build_report(ledger, workers=cpus))
+            tools = len(rep["tools"])
+            _, wall_p, _ = timed(lambda: build_report(ledger, since="2026-12-01", workers=cpus))
+            _, wall_u, _ = timed(lambda: build_report(ledger, user="analyst1", workers=cpus))
+        print(
+            f"  report over {ver.records:,} events (aggregation + full chain verification): "
+            f"{wall_r:.2f} s wall, {tools} tools (load {os.getloadavg()[0]:.2f})"
+        )
+        print(
+            f"    of which aggregation {wall_a:.2f} s ({len(agg['groups']):,} groups), "
+            f"verification {wall_v:.2f} s with {cpus} ranges / {wall_v1:.2f} s with one "
+            f"(intact: {ver.ok and ver1.ok})"
+        )
+        print(
+            f"    one month (--since 2026-12-01): {wall_p:.2f} s; one user (--user): {wall_u:.2f} s"
+        )
+        print(
+            f"  goal check: report <= 2 s: {'met' if wall_r <= 2 else 'NOT met'} ({wall_r:.2f} s)"
+        )
+    finally:
+        server.destroy()
+
+
+def _pg_generate(admin_url: str, total: int) -> None:
+    import psycopg
+
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        with (
+            conn.cursor() as cur,
+            cur.copy("COPY dua_guard.ledger_records (seq, prev, hash, body) FROM STDIN") as copy,
+        ):
+            for row in synthetic_rows(total):
+                copy.write_row(row)
+        conn.execute("VACUUM ANALYZE dua_guard.ledger_records")
 
 
 if __name__ == "__main__":

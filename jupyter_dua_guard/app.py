@@ -14,7 +14,7 @@ from ._version import __version__
 from .config import DUAGuard, SettingsError
 from .events import KERNEL_STARTED, SCHEMA_ID, SCHEMA_PATH
 from .handlers import EventsHandler, StatusHandler
-from .ledger import Ledger, LedgerError, open_ledger
+from .ledger import Ledger, LedgerError, open_ledger, redact_url
 
 API_PREFIX = "/dua-guard/api"
 
@@ -44,8 +44,17 @@ class DUAGuardExtension(ExtensionApp):
         state = "active" if self.guard.enabled else "OFF (DUAGuard.enabled=False)"
         self.log.info("jupyter-dua-guard %s: guard %s", __version__, state)
         try:
-            self.ledger()
-            self.log.info("jupyter-dua-guard: usage ledger at %s", self.guard.ledger_url)
+            ledger = self.ledger()
+            self.log.info(
+                "jupyter-dua-guard: usage ledger at %s", redact_url(self.guard.ledger_url)
+            )
+            if getattr(ledger, "last_error", None):
+                self.log.warning(
+                    "jupyter-dua-guard: ledger database unreachable (%s); events are spooled "
+                    "in %s and sent when it returns",
+                    ledger.last_error,
+                    getattr(ledger, "spool_dir", "the spool directory"),
+                )
         except LedgerError as exc:
             self.log.error("jupyter-dua-guard: usage ledger unavailable: %s", exc)
         self._register_event_schema()

@@ -5,6 +5,7 @@ import sys
 from jupyter_core.application import JupyterApp
 
 from ._version import __version__
+from .cli_db import SUBCOMMANDS as DB_SUBCOMMANDS
 from .cli_guard import SUBCOMMANDS as GUARD_SUBCOMMANDS
 from .cli_ledger import SUBCOMMANDS as LEDGER_SUBCOMMANDS
 from .config import DUAGuard, SettingsError
@@ -25,6 +26,7 @@ class DUAGuardApp(JupyterApp):
     classes = [DUAGuard]
     subcommands: dict = {
         **LEDGER_SUBCOMMANDS,
+        **DB_SUBCOMMANDS,
         **GUARD_SUBCOMMANDS,
         "scan": (
             "jupyter_dua_guard.scan.ScanApp",

@@ -84,6 +84,17 @@ _FILTER_HELP = {
 class _Filtered(LedgerCommand):
     since = Unicode("", help=_FILTER_HELP["since"]).tag(config=True)
     until = Unicode("", help=_FILTER_HELP["until"]).tag(config=True)
+    user = Unicode(
+        "", help="Only events of this user (glob * allowed); default: every user of the hub."
+    ).tag(config=True)
+    host = Unicode("", help="Only events on this host name (glob * allowed).").tag(config=True)
+
+    def who(self) -> dict[str, str | None]:
+        return {"user": self.user or None, "host": self.host or None}
+
+
+def _filter_aliases(cls: str) -> dict[str, str]:
+    return {f: f"{cls}.{f}" for f in ("since", "until", "user", "host")}
 
 
 class LogApp(_Filtered):
@@ -101,8 +112,7 @@ class LogApp(_Filtered):
     as_json = Bool(False, help="Print JSON lines, one record each.").tag(config=True)
     aliases = {
         **_COMMON_ALIASES,
-        "since": "LogApp.since",
-        "until": "LogApp.until",
+        **_filter_aliases("LogApp"),
         "kind": "LogApp.kind",
         "notebook": "LogApp.notebook",
     }
@@ -111,7 +121,11 @@ class LogApp(_Filtered):
     def run(self) -> int:
         with self.open() as ledger:
             rows = ledger.records(
-                self.since or None, self.until or None, self.kind or None, self.notebook or None
+                self.since or None,
+                self.until or None,
+                self.kind or None,
+                self.notebook or None,
+                **self.who(),
             )
             if self.as_json:
                 for rec in rows:
@@ -172,8 +186,7 @@ class ReportApp(_Filtered):
     head = Unicode("", help="Pinned head SEQ:HASH from an earlier report.").tag(config=True)
     aliases = {
         **_COMMON_ALIASES,
-        "since": "ReportApp.since",
-        "until": "ReportApp.until",
+        **_filter_aliases("ReportApp"),
         "format": "ReportApp.format",
         "o": "ReportApp.output",
         "output": "ReportApp.output",
@@ -192,6 +205,7 @@ class ReportApp(_Filtered):
                 self.until or None,
                 head=self.head or None,
                 workers=os.cpu_count() or 1,
+                **self.who(),
             )
         self.write(RENDERERS[self.format](report), self.output)
         if self.output:
@@ -213,7 +227,7 @@ class CloseoutApp(_Filtered):
     strict = Bool(False, help="Exit 1 while any recorded artefact is still present.").tag(
         config=True
     )
-    aliases = {**_COMMON_ALIASES, "since": "CloseoutApp.since", "until": "CloseoutApp.until"}
+    aliases = {**_COMMON_ALIASES, **_filter_aliases("CloseoutApp")}
     flags = {
         "json": ({"CloseoutApp": {"as_json": True}}, "Print JSON lines, one artefact each."),
         "strict": ({"CloseoutApp": {"strict": True}}, "Exit 1 while any artefact is present."),
@@ -223,7 +237,7 @@ class CloseoutApp(_Filtered):
         from .report import model_artifacts
 
         with self.open() as ledger:
-            items = model_artifacts(ledger, self.since or None, self.until or None)
+            items = model_artifacts(ledger, self.since or None, self.until or None, **self.who())
             head = ledger.head()
         present = [a for a in items if a["status"].startswith("present")]
         if self.as_json:

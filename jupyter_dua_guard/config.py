@@ -92,7 +92,11 @@ class DUAGuard(Configurable):
     ledger_url = Unicode(
         help=(
             "Where the usage ledger (DUA sec. 22 records of AI/ML use) is kept: "
-            "sqlite:////absolute/path/ledger.sqlite. Defaults to $JUPYTER_DUA_GUARD_LEDGER, else "
+            "sqlite:////absolute/path/ledger.sqlite, or a central PostgreSQL ledger for a hub: "
+            "postgresql://writer@dbhost/ledger (password from the URL, ~/.pgpass, PGPASSWORD or "
+            "a libpq service file via ?service=NAME; never logged; set it up with `jupyter "
+            "dua-guard db init`; ?spool=DIR is where events wait while the database is "
+            "unreachable). Defaults to $JUPYTER_DUA_GUARD_LEDGER, else "
             "dua_guard/ledger.sqlite under the Jupyter data dir. `jupyter dua-guard` commands "
             "take --ledger URL to override it."
         ),

@@ -36,7 +36,8 @@ class StatusHandler(ExtensionHandlerMixin, APIHandler):
 class EventsHandler(ExtensionHandlerMixin, APIHandler):
     """``GET /dua-guard/api/events``: the ledger's records, filtered and paginated.
 
-    Query: ``since``, ``until``, ``kind`` (repeat or comma-separate), ``notebook``,
+    Query: ``since``, ``until``, ``kind`` (repeat or comma-separate), ``notebook``, ``user``,
+    ``host``,
     ``limit`` (default 100, at most 1000), ``offset``, ``order=asc|desc``.
     """
 
@@ -64,6 +65,8 @@ class EventsHandler(ExtensionHandlerMixin, APIHandler):
             "until": self.get_query_argument("until", None),
             "kinds": self.get_query_arguments("kind") or None,
             "notebook": self.get_query_argument("notebook", None),
+            "user": self.get_query_argument("user", None),
+            "host": self.get_query_argument("host", None),
         }
         try:
             parse_time(filters["since"])

@@ -47,6 +47,7 @@ __all__ = [
     "default_ledger_url",
     "open_ledger",
     "record_hash",
+    "redact_url",
 ]
 
 LEDGER_FORMAT = "jupyter-dua-guard-ledger"
@@ -94,6 +95,26 @@ def default_ledger_url() -> str:
             os.environ.get("XDG_DATA_HOME") or os.path.expanduser("~/.local/share"), "jupyter"
         )
     return "sqlite:///" + os.path.abspath(os.path.join(data_dir, "dua_guard", "ledger.sqlite"))
+
+
+_PASSWORD_IN_QUERY = re.compile(r"(?i)((?:^|[?&\s])password\s*=\s*)('[^']*'|[^&\s]*)")
+
+
+def redact_url(url: str | None) -> str:
+    """``url`` with any password replaced by ``***``: the only form that may be logged."""
+    if not url:
+        return ""
+    text = str(url)
+    if "://" in text:
+        scheme, rest = text.split("://", 1)
+        authority, sep, tail = rest.partition("/")
+        if "@" in authority:
+            userinfo, host = authority.rsplit("@", 1)
+            if ":" in userinfo:
+                userinfo = userinfo.split(":", 1)[0] + ":***"
+            authority = f"{userinfo}@{host}"
+        text = f"{scheme}://{authority}{sep}{tail}"
+    return _PASSWORD_IN_QUERY.sub(lambda m: m.group(1) + "***", text)
 
 
 # --------------------------------------------------------------------------- time filters
@@ -273,6 +294,8 @@ class Ledger(abc.ABC):
         offset: int = 0,
         limit: int | None = None,
         descending: bool = False,
+        user: str | None = None,
+        host: str | None = None,
     ) -> Iterator[dict[str, Any]]:
         """Records matching the filters, oldest first (``descending`` for newest first)."""
 
@@ -283,6 +306,9 @@ class Ledger(abc.ABC):
         until: Any = None,
         kinds: Iterable[str] | None = None,
         notebook: str | None = None,
+        *,
+        user: str | None = None,
+        host: str | None = None,
     ) -> int:
         """How many records match the filters."""
 
@@ -291,7 +317,14 @@ class Ledger(abc.ABC):
         """``(seq, hash)`` of the newest record, ``(0, GENESIS)`` when empty."""
 
     @abc.abstractmethod
-    def aggregate(self, since: Any = None, until: Any = None) -> dict[str, Any]:
+    def aggregate(
+        self,
+        since: Any = None,
+        until: Any = None,
+        *,
+        user: str | None = None,
+        host: str | None = None,
+    ) -> dict[str, Any]:
         """Usage for reports, aggregated by the backend so that reports stay fast.
 
         ``groups``: kind, subject, detail, extra, host, platform, user, first, last, count;
@@ -403,6 +436,10 @@ _SCHEMA = [
 _RARE = 20_000  # below this many matches, a kind filter reads through the index
 
 _AGG_COLUMNS = ("kind", "subject", "detail", "extra", "host", "platform", "user")
+
+
+def _is_glob(value: str) -> bool:
+    return any(ch in value for ch in "*?[")
 
 
 def _norm_sql(sql: str | None) -> str:
@@ -638,7 +675,13 @@ class SQLiteLedger(Ledger):
 
     # -- reading
     def _where(
-        self, since: Any, until: Any, kinds: Iterable[str] | None, notebook: str | None
+        self,
+        since: Any,
+        until: Any,
+        kinds: Iterable[str] | None,
+        notebook: str | None,
+        user: str | None = None,
+        host: str | None = None,
     ) -> tuple[str, list[Any]]:
         clauses: list[str] = []
         params: list[Any] = []
@@ -661,6 +704,10 @@ class SQLiteLedger(Ledger):
             else:
                 clauses.append("notebook = ?")
             params.append(notebook)
+        for column, value in (("user", user), ("host", host)):
+            if value:
+                clauses.append(f"{column} GLOB ?" if _is_glob(value) else f"{column} = ?")
+                params.append(value)
         return ("WHERE " + " AND ".join(clauses)) if clauses else "", params
 
     @staticmethod
@@ -692,8 +739,10 @@ class SQLiteLedger(Ledger):
         offset: int = 0,
         limit: int | None = None,
         descending: bool = False,
+        user: str | None = None,
+        host: str | None = None,
     ) -> Iterator[dict[str, Any]]:
-        where, params = self._where(since, until, kinds, notebook)
+        where, params = self._where(since, until, kinds, notebook, user, host)
         order = "DESC" if descending else "ASC"
         sort_key = "seq"
         if kinds:
@@ -740,8 +789,11 @@ class SQLiteLedger(Ledger):
         until: Any = None,
         kinds: Iterable[str] | None = None,
         notebook: str | None = None,
+        *,
+        user: str | None = None,
+        host: str | None = None,
     ) -> int:
-        where, params = self._where(since, until, kinds, notebook)
+        where, params = self._where(since, until, kinds, notebook, user, host)
         with self._lock:
             try:
                 return int(
@@ -762,8 +814,15 @@ class SQLiteLedger(Ledger):
                 raise self._fail(exc, "read") from None
         return (int(row[0]), str(row[1])) if row else (0, GENESIS)
 
-    def aggregate(self, since: Any = None, until: Any = None) -> dict[str, Any]:
-        where, params = self._where(since, until, None, None)
+    def aggregate(
+        self,
+        since: Any = None,
+        until: Any = None,
+        *,
+        user: str | None = None,
+        host: str | None = None,
+    ) -> dict[str, Any]:
+        where, params = self._where(since, until, None, None, user, host)
         and_where = where.replace("WHERE ", "AND ", 1)
         cols = ", ".join(_AGG_COLUMNS)
         queries = {
@@ -1021,67 +1080,75 @@ class SQLiteLedger(Ledger):
             "SELECT seq, prev, hash, body FROM ledger_records WHERE seq > ? ORDER BY seq",
             (start,),
         ).fetchall()
+        return diagnose_rows(rows, start, prev_hash)
 
-        def body_seq(body: str) -> int | None:
-            try:
-                value = json.loads(body).get("seq")
-            except (ValueError, AttributeError):
-                return None
-            return value if isinstance(value, int) else None
 
-        expected, last_hash = start + 1, prev_hash
-        for i, (seq, prev, digest, body) in enumerate(rows):
-            if not isinstance(body, str) or not isinstance(prev, str):
-                return seq, "its content is not text (the record was edited)"
-            bseq = body_seq(body)
-            if record_hash(prev, body) != digest or bseq is None:
-                if bseq is not None and bseq != expected:
-                    return (
-                        expected,
-                        f"holds the content of record {bseq}, which does not match its stored "
-                        "hash: rows were swapped or their contents moved",
-                    )
+def diagnose_rows(rows: list[tuple], start: int, prev_hash: str) -> tuple[int, str]:
+    """Name the first bad record among ``(seq, prev, hash, body)`` rows after ``start``.
+
+    Shared by every backend so that a tampered ledger is described alike wherever it lives.
+    """
+
+    def body_seq(body: str) -> int | None:
+        try:
+            value = json.loads(body).get("seq")
+        except (ValueError, AttributeError):
+            return None
+        return value if isinstance(value, int) else None
+
+    expected, last_hash = start + 1, prev_hash
+    for i, (seq, prev, digest, body) in enumerate(rows):
+        if not isinstance(body, str) or not isinstance(prev, str):
+            return seq, "its content is not text (the record was edited)"
+        bseq = body_seq(body)
+        if record_hash(prev, body) != digest or bseq is None:
+            if bseq is not None and bseq != expected:
                 return (
                     expected,
-                    "its content does not match its stored hash (the record was edited or forged)",
+                    f"holds the content of record {bseq}, which does not match its stored "
+                    "hash: rows were swapped or their contents moved",
                 )
-            if bseq != expected:
-                later = [r[0] for r in rows[i + 1 :] if body_seq(r[3]) == expected]
-                if bseq > expected and later:
-                    return (
-                        expected,
-                        f"found record {bseq} in its place and record {expected} further on "
-                        f"(at position {later[0]}): rows were swapped or reordered",
-                    )
-                if bseq > expected:
-                    gone = f"{expected}" if bseq == expected + 1 else f"{expected}..{bseq - 1}"
-                    return (
-                        expected,
-                        f"missing: after record {expected - 1} comes record {bseq} — record "
-                        f"{gone} was deleted",
-                    )
-                if prev == (rows[i - 2][2] if i >= 2 else None) or bseq == expected - 1:
-                    return (
-                        expected - 1,
-                        f"was inserted: the original record {bseq} follows it and links to the "
-                        f"record before it",
-                    )
+            return (
+                expected,
+                "its content does not match its stored hash (the record was edited or forged)",
+            )
+        if bseq != expected:
+            later = [r[0] for r in rows[i + 1 :] if body_seq(r[3]) == expected]
+            if bseq > expected and later:
                 return (
-                    bseq,
-                    f"appears again at position {expected}: rows were reordered or copied",
+                    expected,
+                    f"found record {bseq} in its place and record {expected} further on "
+                    f"(at position {later[0]}): rows were swapped or reordered",
                 )
-            if prev != last_hash:
-                if expected == 1:
-                    return 1, "does not start the chain (its prev is not the genesis hash)"
+            if bseq > expected:
+                gone = f"{expected}" if bseq == expected + 1 else f"{expected}..{bseq - 1}"
+                return (
+                    expected,
+                    f"missing: after record {expected - 1} comes record {bseq} — record "
+                    f"{gone} was deleted",
+                )
+            if prev == (rows[i - 2][2] if i >= 2 else None) or bseq == expected - 1:
                 return (
                     expected - 1,
-                    f"its hash is not the one record {expected} links to: record {expected - 1} "
-                    "was edited and re-hashed, or replaced by an inserted row",
+                    f"was inserted: the original record {bseq} follows it and links to the "
+                    f"record before it",
                 )
-            if seq != expected:
-                return expected, f"is stored under number {seq} (rows were renumbered)"
-            expected, last_hash = expected + 1, digest
-        return expected, "the chain breaks here (unexpected layout): inspect the ledger"
+            return (
+                bseq,
+                f"appears again at position {expected}: rows were reordered or copied",
+            )
+        if prev != last_hash:
+            if expected == 1:
+                return 1, "does not start the chain (its prev is not the genesis hash)"
+            return (
+                expected - 1,
+                f"its hash is not the one record {expected} links to: record {expected - 1} "
+                "was edited and re-hashed, or replaced by an inserted row",
+            )
+        if seq != expected:
+            return expected, f"is stored under number {seq} (rows were renumbered)"
+        expected, last_hash = expected + 1, digest
+    return expected, "the chain breaks here (unexpected layout): inspect the ledger"
 
 
 PARALLEL_MIN = 200_000
@@ -1156,14 +1223,13 @@ def open_ledger(url: str | None = None, *, timeout: float = 30.0, create: bool =
     parts = urlsplit(url)
     scheme = parts.scheme.lower()
     if scheme in ("postgres", "postgresql"):
-        raise LedgerError(
-            f"ledger URL scheme {parts.scheme!r} is not supported yet (PostgreSQL backend "
-            "planned): use sqlite:////absolute/path/ledger.sqlite"
-        )
+        from .ledger_pg import PostgresLedger  # psycopg is only needed for hub ledgers
+
+        return PostgresLedger(url, timeout=timeout, create=create)
     if scheme != "sqlite":
         raise LedgerError(
-            f"unknown ledger URL scheme {parts.scheme!r} in {url!r}: use "
-            "sqlite:////absolute/path/ledger.sqlite"
+            f"unknown ledger URL scheme {parts.scheme!r} in {redact_url(url)!r}: use "
+            "sqlite:////absolute/path/ledger.sqlite or postgresql://user@host/dbname"
         )
     if parts.netloc not in ("", "localhost"):
         raise LedgerError(

@@ -41,10 +41,19 @@ def artifact_status(path: str | None, host: str | None, size: Any = None) -> str
     return "present"
 
 
-def model_artifacts(ledger: Ledger, since: Any = None, until: Any = None) -> list[dict[str, Any]]:
+def model_artifacts(
+    ledger: Ledger,
+    since: Any = None,
+    until: Any = None,
+    *,
+    user: str | None = None,
+    host: str | None = None,
+) -> list[dict[str, Any]]:
     """Every recorded model file (latest record per path) and whether it still exists."""
     latest: dict[str, dict[str, Any]] = {}
-    for rec in ledger.records(since, until, kinds=[events.MODEL_ARTIFACT_WRITTEN]):
+    for rec in ledger.records(
+        since, until, kinds=[events.MODEL_ARTIFACT_WRITTEN], user=user, host=host
+    ):
         data, ctx = rec["data"], rec["context"]
         path = str(data.get("path") or "")
         item = latest.get(path)
@@ -76,14 +85,22 @@ def build_report(
     head: str | None = None,
     *,
     workers: int = 1,
+    user: str | None = None,
+    host: str | None = None,
 ) -> dict[str, Any]:
-    """Everything NIH asks for in sec. 22, for the period, as plain data."""
+    """Everything NIH asks for in sec. 22, for the period, as plain data.
+
+    ``user`` / ``host`` (exact or glob) narrow it to some of a hub's users or machines; by
+    default it covers everyone who writes to the ledger. Verification always covers the
+    whole chain.
+    """
+    who = {"user": user or None, "host": host or None}
     # The chain check reads every record: run it beside the aggregation (SQLite releases
     # the GIL), which roughly halves the wall time of a report on two cores.
     with ThreadPoolExecutor(max_workers=1) as pool:
         pending = pool.submit(ledger.verify, head, workers=workers)
         try:
-            result = _assemble(ledger, since, until, ledger.aggregate(since, until))
+            result = _assemble(ledger, since, until, ledger.aggregate(since, until, **who), who)
         finally:
             verification = pending.result()
     result["head"] = verification.head
@@ -91,7 +108,9 @@ def build_report(
     return result
 
 
-def _assemble(ledger: Ledger, since: Any, until: Any, usage: dict[str, Any]) -> dict[str, Any]:
+def _assemble(
+    ledger: Ledger, since: Any, until: Any, usage: dict[str, Any], who: dict[str, Any]
+) -> dict[str, Any]:
     tools: dict[str, dict[str, Any]] = {}
     locations: dict[tuple, dict[str, Any]] = {}
     egress: dict[str, dict[tuple, dict[str, Any]]] = {
@@ -188,11 +207,11 @@ def _assemble(ledger: Ledger, since: Any, until: Any, usage: dict[str, Any]) -> 
 
     reviews = [
         {"time": r["time"], "record": r["seq"], "user": r["context"].get("user"), **r["data"]}
-        for r in ledger.records(since, until, kinds=[events.REVIEW_SIGNED])
+        for r in ledger.records(since, until, kinds=[events.REVIEW_SIGNED], **who)
     ]
     defaults = [
         {"time": r["time"], "record": r["seq"], **r["data"]}
-        for r in ledger.records(since, until, kinds=[events.GUARD_DEFAULTS_USED])
+        for r in ledger.records(since, until, kinds=[events.GUARD_DEFAULTS_USED], **who)
     ]
     return {
         "title": "Records of AI/ML tools used with the Data (NCCR/SEER DUA sec. 22)",
@@ -200,6 +219,8 @@ def _assemble(ledger: Ledger, since: Any, until: Any, usage: dict[str, Any]) -> 
         "generated_by": {"host": socket.gethostname(), "guard_version": __version__},
         "ledger": ledger.url,
         "period": {"since": since or None, "until": until or None},
+        "filters": who,
+        "users": _users(usage["groups"]),
         "events": total,
         "kernels": usage["kernels"],
         "kernels_started": usage["kernels_started"],
@@ -214,12 +235,30 @@ def _assemble(ledger: Ledger, since: Any, until: Any, usage: dict[str, Any]) -> 
         "egress_allowed_ai": [
             finish_sets(v) for _, v in sorted(egress[events.EGRESS_ALLOWED_AI].items(), key=str)
         ],
-        "model_artifacts": model_artifacts(ledger, since, until),
+        "model_artifacts": model_artifacts(ledger, since, until, **who),
         "outputs_flagged": [finish_sets(v) for _, v in sorted(flagged.items())],
         "reviews": reviews,
         "data_read": [finish_sets(v) for _, v in sorted(data_read.items())],
         "guard_defaults_used": defaults,
     }
+
+
+def _users(groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per user: events, hosts, first and last event — the hub-wide view of who did what."""
+    users: dict[str, dict[str, Any]] = {}
+    for row in groups:
+        item = users.setdefault(
+            row["user"] or "(unknown)",
+            {"user": row["user"] or "(unknown)", "hosts": set(), "events": 0, "ai_ml_imports": 0,
+             "first": None, "last": None},
+        )  # fmt: skip
+        item["hosts"].add(row["host"] or "(unknown)")
+        item["events"] += row["count"]
+        if row["kind"] == events.AI_ML_IMPORT:
+            item["ai_ml_imports"] += row["count"]
+        item["first"] = min(filter(None, [item["first"], row["first"]]), default=None)
+        item["last"] = max(filter(None, [item["last"], row["last"]]), default=None)
+    return [{**v, "hosts": sorted(v["hosts"])} for _, v in sorted(users.items())]
 
 
 # --------------------------------------------------------------------------- renderers
@@ -259,9 +298,21 @@ def render_csv(report: dict[str, Any]) -> str:
             "count": report["events"],
             "kernels": report["kernels"],
             "notebooks": len(report["notebooks"]),
-            "detail": f"ledger {report['ledger']}; generated {report['generated']}",
+            "detail": f"ledger {report['ledger']}; generated {report['generated']}; {_who(report)}",
         }
     )
+    for item in report.get("users", []):
+        out.writerow(
+            {
+                "section": "user",
+                "item": item["user"],
+                "first": item["first"],
+                "last": item["last"],
+                "count": item["events"],
+                "locations": "; ".join(item["hosts"]),
+                "detail": f"{item['ai_ml_imports']} AI/ML imports",
+            }
+        )
     for tool in report["tools"]:
         for ver in tool["versions"]:
             out.writerow(
@@ -402,6 +453,17 @@ def _table(headers: list[str], rows: list[list[Any]], empty: str) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
+def _who(report: dict[str, Any]) -> str:
+    filters = report.get("filters") or {}
+    users = report.get("users") or []
+    scope = ", ".join(f"{k} {v}" for k, v in filters.items() if v) or "all users and hosts"
+    return (
+        f"{scope} ({len(users)} user{'s' if len(users) != 1 else ''}: "
+        + (", ".join(u["user"] for u in users) or "none")
+        + ")"
+    )
+
+
 def render_html(report: dict[str, Any]) -> str:
     """A self-contained page (inline CSS, no scripts) that prints cleanly to PDF."""
     e = html.escape
@@ -419,6 +481,7 @@ def render_html(report: dict[str, Any]) -> str:
         f"{e(report['generated_by']['host'])} by jupyter-dua-guard "
         f"{e(report['generated_by']['guard_version'])}</td></tr>",
         f"<tr><td>Ledger</td><td><code>{e(report['ledger'])}</code></td></tr>",
+        f"<tr><td>Users</td><td>{e(_who(report))}</td></tr>",
         f"<tr><td>Events</td><td>{report['events']} events, {report['kernels']} kernels, "
         f"{len(report['notebooks'])} notebooks</td></tr>",
         "</tbody></table>",
@@ -457,6 +520,22 @@ def render_html(report: dict[str, Any]) -> str:
                 for loc in report["locations"]
             ],
             "No events in this period.",
+        ),
+        "<h2>Users</h2>",
+        _table(
+            ["User", "Hosts", "Events", "AI/ML imports", "First event", "Last event"],
+            [
+                [
+                    u["user"],
+                    ", ".join(u["hosts"]),
+                    u["events"],
+                    u["ai_ml_imports"],
+                    u["first"],
+                    u["last"],
+                ]
+                for u in report.get("users", [])
+            ],
+            "No user recorded an event in this period.",
         ),
         "<h2>Blocked egress attempts</h2>",
         _table(

@@ -24,11 +24,14 @@ as_root() {
   fi
 }
 
-# System packages: Node.js builds the lab extension, Chromium runs the browser tests.
+# System packages: Node.js builds the lab extension, Chromium runs the browser tests,
+# PostgreSQL (server binaries only; the tests start their own cluster on loopback) backs the
+# hub-ledger tests.
 missing=()
 command -v node >/dev/null || missing+=(nodejs npm)
 if [ "$mode" = test ]; then
   [ -x /usr/bin/chromium ] || missing+=(chromium)
+  compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || missing+=(postgresql)
 fi
 if [ ${#missing[@]} -gt 0 ]; then
   echo "dev.sh: installing ${missing[*]} from Debian"

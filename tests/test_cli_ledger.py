@@ -275,7 +275,7 @@ def test_other_sqlite_database_exit_2_untouched(tmp_path):
     assert "not a jupyter-dua-guard ledger" in err and path.read_bytes() == before
 
 
-@pytest.mark.parametrize("url", ["mysql://db/x", "s3://bucket/ledger", "postgresql://hub/l"])
+@pytest.mark.parametrize("url", ["mysql://db/x", "s3://bucket/ledger", "redis://hub/l"])
 def test_unknown_scheme_exit_2(url):
     err = one_line_error(cli("verify", "--ledger", url))
     assert "scheme" in err and "sqlite:" in err

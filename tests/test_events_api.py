@@ -116,6 +116,16 @@ async def test_events_api_filters_and_pagination(jp_fetch, ledger_url):
     assert [e["seq"] for e in page["events"]] == [2, 4]
 
 
+async def test_events_api_user_and_host_filters(jp_fetch, ledger_url):
+    with open_ledger(ledger_url) as ledger:
+        for user, host in [("alice", "node-1"), ("bob", "node-1"), ("bob", "node-2")]:
+            ledger.append("data_read", {"path": "/d.csv"}, {"user": user, "host": host})
+    assert (await events(jp_fetch, user="bob"))["total"] == 2
+    page = await events(jp_fetch, user="bob", host="node-1")
+    assert [e["seq"] for e in page["events"]] == [2]
+    assert (await events(jp_fetch, host="node-*"))["total"] == 3
+
+
 @pytest.mark.parametrize(
     "params",
     [
