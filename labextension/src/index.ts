@@ -1,27 +1,47 @@
 import {
+  ILabShell,
   JupyterFrontEnd,
   JupyterFrontEndPlugin
 } from '@jupyterlab/application';
-import { INotebookTracker } from '@jupyterlab/notebook';
+import { INotebookTracker, NotebookActions } from '@jupyterlab/notebook';
 import { IStatusBar } from '@jupyterlab/statusbar';
 
 import { guardCopy, guardExport } from './guards';
 import { OutputWarnings } from './outputs';
+import { GuardPanel } from './panel';
 import { GuardStatusItem } from './status';
 
 const STATUS_ID = 'jupyter-dua-guard:status';
 
 /**
- * Shows whether the DUA guard is active, in JupyterLab and in Notebook 7.
+ * Shows whether the DUA guard is active, in JupyterLab and in Notebook 7, and
+ * opens the "DUA Guard" side panel with the ledger's recent events.
  */
 const statusPlugin: JupyterFrontEndPlugin<void> = {
   id: STATUS_ID,
   description: 'Shows the state of the NCCR / SEER Data Use Agreement guard.',
   autoStart: true,
-  optional: [IStatusBar],
-  activate: (app: JupyterFrontEnd, statusBar: IStatusBar | null) => {
-    const item = new GuardStatusItem();
+  optional: [IStatusBar, INotebookTracker, ILabShell],
+  activate: (
+    app: JupyterFrontEnd,
+    statusBar: IStatusBar | null,
+    tracker: INotebookTracker | null,
+    labShell: ILabShell | null
+  ) => {
+    const panel = new GuardPanel(tracker);
+    app.shell.add(panel, 'right', { rank: 900 });
+    const item = new GuardStatusItem(tracker, () => {
+      labShell?.expandRight();
+      app.shell.activateById(panel.id);
+      void panel.refresh();
+    });
     item.id = 'jp-DUAGuard-status';
+    NotebookActions.executed.connect(() => {
+      item.refreshSoon();
+      if (panel.isVisible) {
+        void panel.refresh();
+      }
+    });
     if (statusBar) {
       statusBar.registerStatusItem(STATUS_ID, {
         item,
