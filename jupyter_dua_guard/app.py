@@ -13,7 +13,13 @@ from jupyter_server.extension.application import ExtensionApp
 from ._version import __version__
 from .config import DUAGuard, SettingsError
 from .events import KERNEL_STARTED, SCHEMA_ID, SCHEMA_PATH
-from .handlers import EventsHandler, StatusHandler
+from .handlers import (
+    DecisionsHandler,
+    EventsHandler,
+    ReportHandler,
+    ReviewsHandler,
+    StatusHandler,
+)
 from .ledger import Ledger, LedgerError, open_ledger
 
 API_PREFIX = "/dua-guard/api"
@@ -128,6 +134,9 @@ class DUAGuardExtension(ExtensionApp):
             [
                 (f"{API_PREFIX}/status", StatusHandler),
                 (f"{API_PREFIX}/events", EventsHandler),
+                (f"{API_PREFIX}/report", ReportHandler),
+                (f"{API_PREFIX}/reviews", ReviewsHandler),
+                (f"{API_PREFIX}/decisions", DecisionsHandler),
             ]
         )
 
