@@ -15,6 +15,7 @@ from .config import DUAGuard, SettingsError
 from .events import KERNEL_STARTED, SCHEMA_ID, SCHEMA_PATH
 from .handlers import (
     DecisionsHandler,
+    DetectHandler,
     EventsHandler,
     ReportHandler,
     ReviewsHandler,
@@ -137,6 +138,7 @@ class DUAGuardExtension(ExtensionApp):
                 (f"{API_PREFIX}/report", ReportHandler),
                 (f"{API_PREFIX}/reviews", ReviewsHandler),
                 (f"{API_PREFIX}/decisions", DecisionsHandler),
+                (f"{API_PREFIX}/detect", DetectHandler),
             ]
         )
 

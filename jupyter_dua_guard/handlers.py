@@ -11,6 +11,7 @@ from jupyter_server.base.handlers import APIHandler
 from jupyter_server.extension.handler import ExtensionHandlerMixin
 
 from ._version import __version__
+from .detect import DetectorSettings, detect_output
 from .events import DISCLOSURE_DECISION, REVIEW_SIGNED
 from .ledger import Ledger, LedgerError, parse_time
 from .report import build_report, render_csv, render_html, render_json
@@ -244,3 +245,28 @@ class ReportHandler(ExtensionHandlerMixin, APIHandler):
         self.set_header("Content-Type", content_type)
         self.set_header("Content-Disposition", f'attachment; filename="dua-guard-report.{fmt}"')
         self.finish(render(report))
+
+
+class DetectHandler(ExtensionHandlerMixin, APIHandler):
+    """``POST /dua-guard/api/detect``: the detector for outputs no guarded kernel checked.
+
+    Kernels without the guard (R, Julia, ...) send plain outputs; the page posts them here
+    and draws the same banner. The answer holds findings only, never data values.
+    """
+
+    @tornado.web.authenticated
+    async def post(self) -> None:
+        try:
+            payload = json.loads(self.request.body or b"{}")
+        except ValueError:
+            raise tornado.web.HTTPError(400, "the request body must be JSON") from None
+        output = payload.get("output") if isinstance(payload, dict) else None
+        if not isinstance(output, dict):
+            raise tornado.web.HTTPError(400, "send {'output': <an nbformat output>}")
+        settings = self.settings.setdefault(
+            "dua_guard_detector", DetectorSettings.from_guard(self.extensionapp.guard)
+        )
+        findings = await asyncio.get_running_loop().run_in_executor(
+            None, lambda: detect_output(output, settings=settings)
+        )
+        self.finish(json.dumps({"findings": [f.to_dict() for f in findings]}))

@@ -153,3 +153,50 @@ def test_schema_documents_every_event_kind():
     }
     assert described == set(events.EVENT_KINDS)
     assert set(events.EVENT_FIELDS) == set(events.EVENT_KINDS)
+
+
+def _listing_html(rows: int) -> str:
+    body = "".join(
+        f"<tr><th>{i}</th><td>SYN{i:05d}</td><td>{30 + i % 40}</td><td>C{i % 80:02d}.9</td>"
+        f"<td>{2000 + i % 20}</td></tr>"
+        for i in range(rows)
+    )
+    return (
+        '<table class="dataframe"><thead><tr><th></th><th>Patient ID</th><th>Age</th>'
+        "<th>Primary Site</th><th>Year of diagnosis</th></tr></thead>"
+        f"<tbody>{body}</tbody></table>"
+    )
+
+
+async def test_detect_flags_an_unchecked_case_listing_without_values(jp_fetch):
+    output = {
+        "output_type": "execute_result",
+        "execution_count": 1,
+        "metadata": {},
+        "data": {"text/html": _listing_html(50), "text/plain": "..."},
+    }
+    response = await post(jp_fetch, "detect", {"output": output})
+    findings = json.loads(response.body)["findings"]
+    assert "individual_level" in {f["kind"] for f in findings}
+    assert all(f["reasons"] for f in findings)
+    assert "SYN00007" not in response.body.decode()
+
+
+async def test_detect_leaves_a_large_aggregate_alone(jp_fetch):
+    rows = "".join(
+        f"<tr><th>Site {i}</th><td>{100 + i}</td><td>{200 + i}</td></tr>" for i in range(8)
+    )
+    html = (
+        "<table><thead><tr><th>Primary Site</th><th>Female</th><th>Male</th></tr></thead>"
+        f"<tbody>{rows}</tbody></table>"
+    )
+    output = {"output_type": "display_data", "metadata": {}, "data": {"text/html": html}}
+    response = await post(jp_fetch, "detect", {"output": output})
+    assert json.loads(response.body)["findings"] == []
+
+
+@pytest.mark.parametrize("body", ["not json", json.dumps({"output": "x"}), json.dumps([])])
+async def test_detect_refuses_malformed_requests(jp_fetch, body):
+    with pytest.raises(HTTPClientError) as caught:
+        await jp_fetch("dua-guard", "api", "detect", method="POST", body=body)
+    assert caught.value.code == 400
