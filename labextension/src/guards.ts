@@ -1,6 +1,6 @@
+import { JupyterFrontEnd } from '@jupyterlab/application';
 import { Dialog, showDialog } from '@jupyterlab/apputils';
 import { INotebookTracker } from '@jupyterlab/notebook';
-import { CommandRegistry } from '@lumino/commands';
 import { ReadonlyPartialJSONObject } from '@lumino/coreutils';
 import { Widget } from '@lumino/widgets';
 
@@ -15,6 +15,9 @@ export const EXPORT_COMMANDS = new Set([
   'docmanager:save-as'
 ]);
 
+/** The output context menu's "Copy Output to Clipboard". */
+export const COPY_OUTPUT_COMMAND = 'notebook:copy-to-clipboard';
+
 /** Record a researcher's choice in the ledger; the data itself is never sent. */
 function recordDecision(body: { [key: string]: unknown }): void {
   requestAPI('decisions', { method: 'POST', body: JSON.stringify(body) }).catch(
@@ -27,9 +30,31 @@ function recordDecision(body: { [key: string]: unknown }): void {
 }
 
 /**
- * Copy guard: copying from a flagged output asks first, since such text must not
- * be pasted into AI tools or documents (DUA sec. 22).
+ * Ask before text from a flagged output reaches the clipboard, since it must not
+ * be pasted into AI tools or documents (DUA sec. 22), and record the answer.
  */
+async function confirmCopy(path: string): Promise<boolean> {
+  const result = await showDialog({
+    title: 'This output looks individual-level',
+    body:
+      'The text you are copying comes from an output the DUA guard flagged. ' +
+      'It must not be pasted into AI tools, e-mails or documents that leave ' +
+      'the secure environment (NCCR DUA sec. 22, 17 and 8).',
+    buttons: [
+      Dialog.cancelButton({ label: 'Cancel' }),
+      Dialog.warnButton({ label: 'Copy anyway' })
+    ]
+  });
+  const copied = result.button.accept;
+  recordDecision({
+    action: 'copy',
+    decision: copied ? 'copied' : 'cancelled',
+    path
+  });
+  return copied;
+}
+
+/** Copy guard for the keyboard and the browser's own menu: the `copy` event. */
 export function guardCopy(tracker: INotebookTracker): void {
   let allowNext = false;
   document.addEventListener(
@@ -43,85 +68,89 @@ export function guardCopy(tracker: INotebookTracker): void {
       const anchor = selection?.anchorNode;
       const element =
         anchor instanceof Element ? anchor : anchor?.parentElement;
-      const flagged = element?.closest(`.${FLAGGED_CLASS}`);
       const text = selection?.toString() ?? '';
-      if (!flagged || !text) {
+      if (!text || !element?.closest(`.${FLAGGED_CLASS}`)) {
         return;
       }
       event.preventDefault();
       event.stopPropagation();
-      const path = tracker.currentWidget?.context.path ?? '';
-      void showDialog({
-        title: 'This output looks individual-level',
-        body:
-          'The text you are copying comes from an output the DUA guard flagged. ' +
-          'It must not be pasted into AI tools, e-mails or documents that leave ' +
-          'the secure environment (NCCR DUA sec. 22, 17 and 8).',
-        buttons: [
-          Dialog.cancelButton({ label: 'Cancel' }),
-          Dialog.warnButton({ label: 'Copy anyway' })
-        ]
-      }).then(result => {
-        const copied = result.button.accept;
-        recordDecision({
-          action: 'copy',
-          decision: copied ? 'copied' : 'cancelled',
-          path
-        });
-        if (copied) {
-          allowNext = true;
-          void navigator.clipboard?.writeText(text).catch(() => {
+      void confirmCopy(tracker.currentWidget?.context.path ?? '').then(
+        copied => {
+          if (copied) {
             allowNext = true;
-            document.execCommand('copy');
-          });
+            void navigator.clipboard
+              ?.writeText(text)
+              .catch(() => document.execCommand('copy'));
+          }
         }
-      });
+      );
     },
     true
   );
 }
 
+/** The list of unreviewed outputs shown before an export. */
+function exportWarning(
+  path: string,
+  flagged: Awaited<ReturnType<OutputWarnings['flaggedOutputs']>>
+): Widget {
+  const body = document.createElement('div');
+  body.className = 'jp-DUAGuard-export';
+  const intro = document.createElement('p');
+  intro.textContent =
+    `${path} has ${flagged.length} output(s) with unreviewed DUA guard findings. ` +
+    'Clear them or have them reviewed before the notebook leaves the secure environment.';
+  body.appendChild(intro);
+  const list = document.createElement('ul');
+  for (const item of flagged) {
+    const entry = document.createElement('li');
+    const kinds = Array.from(
+      new Set(item.findings.map(f => KINDS[f.kind]?.title ?? f.kind))
+    );
+    entry.textContent = `Cell ${item.cellIndex + 1}, output ${item.outputIndex + 1}: ${kinds.join(', ')}`;
+    list.appendChild(entry);
+  }
+  body.appendChild(list);
+  return new Widget({ node: body });
+}
+
 /**
- * Export guard: downloading or exporting a notebook with unreviewed findings
- * lists them first and asks.
+ * Commands that copy or export flagged outputs ask first: the output context
+ * menu's copy, and download / export / save-as of a notebook with unreviewed
+ * findings (which lists them).
  */
-export function guardExport(
-  commands: CommandRegistry,
-  shell: { currentWidget: Widget | null },
+export function guardCommands(
+  app: JupyterFrontEnd,
   tracker: INotebookTracker,
   warnings: OutputWarnings
 ): void {
+  const commands = app.commands;
   const execute = commands.execute.bind(commands);
   commands.execute = async (id: string, args?: ReadonlyPartialJSONObject) => {
     const panel = tracker.currentWidget;
-    if (!EXPORT_COMMANDS.has(id) || !panel || shell.currentWidget !== panel) {
+    if (id === COPY_OUTPUT_COMMAND) {
+      const flagged = app.contextMenuHitTest(node =>
+        node.classList.contains(FLAGGED_CLASS)
+      );
+      if (flagged && !(await confirmCopy(panel?.context.path ?? ''))) {
+        return undefined;
+      }
+      return execute(id, args);
+    }
+    if (
+      !EXPORT_COMMANDS.has(id) ||
+      !panel ||
+      app.shell.currentWidget !== panel
+    ) {
       return execute(id, args);
     }
     const flagged = await warnings.flaggedOutputs(panel);
     if (flagged.length === 0) {
       return execute(id, args);
     }
-    const body = document.createElement('div');
-    body.className = 'jp-DUAGuard-export';
-    const intro = document.createElement('p');
-    intro.textContent =
-      `${panel.context.path} has ${flagged.length} output(s) with unreviewed ` +
-      'DUA guard findings. Clear them or have them reviewed before the notebook ' +
-      'leaves the secure environment.';
-    body.appendChild(intro);
-    const list = document.createElement('ul');
-    for (const item of flagged) {
-      const entry = document.createElement('li');
-      const kinds = Array.from(
-        new Set(item.findings.map(f => KINDS[f.kind]?.title ?? f.kind))
-      );
-      entry.textContent = `Cell ${item.cellIndex + 1}, output ${item.outputIndex + 1}: ${kinds.join(', ')}`;
-      list.appendChild(entry);
-    }
-    body.appendChild(list);
     const result = await showDialog({
       title: 'Unreviewed individual-level outputs',
-      body: new Widget({ node: body }),
+      body: exportWarning(panel.context.path, flagged),
       buttons: [
         Dialog.cancelButton(),
         Dialog.warnButton({ label: 'Export anyway' })

@@ -6,7 +6,7 @@ import {
 import { INotebookTracker, NotebookActions } from '@jupyterlab/notebook';
 import { IStatusBar } from '@jupyterlab/statusbar';
 
-import { guardCopy, guardExport } from './guards';
+import { guardCommands, guardCopy } from './guards';
 import { OutputWarnings } from './outputs';
 import { GuardPanel } from './panel';
 import { GuardStatusItem } from './status';
@@ -67,7 +67,7 @@ const outputsPlugin: JupyterFrontEndPlugin<void> = {
   activate: (app: JupyterFrontEnd, tracker: INotebookTracker) => {
     const warnings = new OutputWarnings(tracker);
     guardCopy(tracker);
-    guardExport(app.commands, app.shell, tracker, warnings);
+    guardCommands(app, tracker, warnings);
   }
 };
 

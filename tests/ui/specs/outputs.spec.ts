@@ -101,6 +101,23 @@ test.describe('Warnings on flagged outputs', () => {
     await expect(dialog).toHaveCount(0);
   });
 
+  test('"Copy Output to Clipboard" from the context menu asks first', async ({
+    page
+  }) => {
+    const index = await runInNewCell(page, LISTING);
+    const cell = await page.notebook.getCellLocator(index);
+    await cell!
+      .locator('.jp-DUAGuard-flagged .jp-OutputArea-output')
+      .click({ button: 'right' });
+    await page
+      .getByRole('menuitem', { name: 'Copy Output to Clipboard' })
+      .click();
+    const dialog = page.locator('.jp-Dialog');
+    await expect(dialog).toContainText('This output looks individual-level');
+    await dialog.getByRole('button', { name: 'Cancel' }).click();
+    await expect(dialog).toHaveCount(0);
+  });
+
   test('downloading a notebook with unreviewed findings warns first', async ({
     page
   }) => {
