@@ -10,6 +10,7 @@ from typing import Any
 
 from jupyter_server.extension.application import ExtensionApp
 
+from . import export_guard
 from ._version import __version__
 from .config import DUAGuard, SettingsError
 from .events import KERNEL_STARTED, SCHEMA_ID, SCHEMA_PATH
@@ -141,6 +142,7 @@ class DUAGuardExtension(ExtensionApp):
                 (f"{API_PREFIX}/detect", DetectHandler),
             ]
         )
+        export_guard.install(self)
 
     def ledger(self) -> Ledger:
         """The server's ledger connection, opened on first use (raises ``LedgerError``)."""

@@ -18,14 +18,16 @@ export const EXPORT_COMMANDS = new Set([
 /** The output context menu's "Copy Output to Clipboard". */
 export const COPY_OUTPUT_COMMAND = 'notebook:copy-to-clipboard';
 
-/** Record a researcher's choice in the ledger; the data itself is never sent. */
-function recordDecision(body: { [key: string]: unknown }): void {
-  requestAPI('decisions', { method: 'POST', body: JSON.stringify(body) }).catch(
-    error =>
-      console.warn(
-        'jupyter-dua-guard: the decision could not be recorded',
-        error
-      )
+/**
+ * Record a researcher's choice in the ledger; the data itself is never sent.
+ * Exports wait for it: the server's nbconvert guard looks for this record.
+ */
+function recordDecision(body: { [key: string]: unknown }): Promise<void> {
+  return requestAPI<void>('decisions', {
+    method: 'POST',
+    body: JSON.stringify(body)
+  }).catch(error =>
+    console.warn('jupyter-dua-guard: the decision could not be recorded', error)
   );
 }
 
@@ -156,7 +158,7 @@ export function guardCommands(
         Dialog.warnButton({ label: 'Export anyway' })
       ]
     });
-    recordDecision({
+    await recordDecision({
       action: 'export',
       command: id,
       decision: result.button.accept ? 'exported' : 'cancelled',
