@@ -48,7 +48,7 @@ async function confirmCopy(path: string): Promise<boolean> {
     ]
   });
   const copied = result.button.accept;
-  recordDecision({
+  void recordDecision({
     action: 'copy',
     decision: copied ? 'copied' : 'cancelled',
     path
