@@ -12,6 +12,7 @@ from jupyter_server.extension.application import ExtensionApp
 
 from . import export_guard
 from ._version import __version__
+from .ai_extensions import find_ai_extensions
 from .config import DUAGuard, SettingsError
 from .events import KERNEL_STARTED, SCHEMA_ID, SCHEMA_PATH
 from .handlers import (
@@ -38,6 +39,7 @@ class DUAGuardExtension(ExtensionApp):
     load_other_extensions = True
 
     guard: DUAGuard
+    ai_extensions: list[dict[str, Any]]
 
     _ledger: Ledger | None = None
     _ledger_lock = threading.Lock()
@@ -58,6 +60,15 @@ class DUAGuardExtension(ExtensionApp):
             self.log.error("jupyter-dua-guard: usage ledger unavailable: %s", exc)
         self._register_event_schema()
         self._watch_kernel_starts()
+        self.ai_extensions = find_ai_extensions(self.serverapp.jpserver_extensions)
+        for found in self.ai_extensions:
+            if not found["disabled"]:
+                self.log.warning(
+                    "jupyter-dua-guard: AI assistant %s is installed and active (%s); it runs "
+                    "outside the kernel guard (NCCR DUA sec. 22)",
+                    found["name"],
+                    ", ".join(found["active_server_extensions"] + found["active_lab_extensions"]),
+                )
         if self.guard.enabled:
             self._start_kernel_guard()
 

@@ -35,6 +35,7 @@ class StatusHandler(ExtensionHandlerMixin, APIHandler):
                     "active": guard.enabled,
                     "python": platform.python_version(),
                     "platform": sys.platform,
+                    "ai_extensions": self.extensionapp.ai_extensions,
                 }
             )
         )
