@@ -96,13 +96,16 @@ export class OutputWarnings {
     schedule();
   }
 
-  /** Coalesce bursts of output messages into one check per animation frame. */
+  /**
+   * Coalesce bursts of output messages into one check, run before the browser
+   * renders (a microtask), so a kernel's verdict is drawn with the output itself.
+   */
   private _schedule(panel: NotebookPanel, cell: CodeCell): void {
     if (this._pending.has(cell)) {
       return;
     }
     this._pending.add(cell);
-    requestAnimationFrame(() => {
+    void Promise.resolve().then(() => {
       this._pending.delete(cell);
       if (!cell.isDisposed) {
         void this._check(panel, cell);
@@ -176,7 +179,7 @@ export class OutputWarnings {
     if (!pending) {
       pending = requestAPI<{ findings: IFinding[] }>('detect', {
         method: 'POST',
-        body: JSON.stringify({ output: model.toJSON() })
+        body: JSON.stringify({ output: trimmed(model.toJSON()) })
       })
         .then(answer => ({ findings: answer.findings ?? [] }))
         .catch(error => {
@@ -246,6 +249,29 @@ export class OutputWarnings {
   private _watched = new WeakSet<CodeCell>();
   private _pending = new WeakSet<CodeCell>();
   private _remote = new WeakMap<IOutputModel, Promise<IVerdict | null>>();
+}
+
+/** The detector reads at most this much of each mime type; send no more. */
+const MAX_SENT_CHARS = 256 * 1024;
+
+/** An output with long text cut to what the server's detector reads. */
+function trimmed(output: nbformat.IOutput): nbformat.IOutput {
+  const cut = (value: unknown): unknown =>
+    typeof value === 'string' && value.length > MAX_SENT_CHARS
+      ? value.slice(0, MAX_SENT_CHARS)
+      : Array.isArray(value)
+        ? cut(value.join(''))
+        : value;
+  const copy: any = { ...output };
+  if (copy.text !== undefined) {
+    copy.text = cut(copy.text);
+  }
+  if (copy.data) {
+    copy.data = Object.fromEntries(
+      Object.entries(copy.data).map(([mime, value]) => [mime, cut(value)])
+    );
+  }
+  return copy as nbformat.IOutput;
 }
 
 /** Remove one output of a cell and keep the others. */
