@@ -10,10 +10,19 @@ from typing import Any
 
 from jupyter_server.extension.application import ExtensionApp
 
+from . import export_guard
 from ._version import __version__
+from .ai_extensions import find_ai_extensions
 from .config import DUAGuard, SettingsError
 from .events import KERNEL_STARTED, SCHEMA_ID, SCHEMA_PATH
-from .handlers import EventsHandler, StatusHandler
+from .handlers import (
+    DecisionsHandler,
+    DetectHandler,
+    EventsHandler,
+    ReportHandler,
+    ReviewsHandler,
+    StatusHandler,
+)
 from .ledger import Ledger, LedgerError, open_ledger, redact_url
 
 API_PREFIX = "/dua-guard/api"
@@ -30,6 +39,7 @@ class DUAGuardExtension(ExtensionApp):
     load_other_extensions = True
 
     guard: DUAGuard
+    ai_extensions: list[dict[str, Any]]
 
     _ledger: Ledger | None = None
     _ledger_lock = threading.Lock()
@@ -59,6 +69,15 @@ class DUAGuardExtension(ExtensionApp):
             self.log.error("jupyter-dua-guard: usage ledger unavailable: %s", exc)
         self._register_event_schema()
         self._watch_kernel_starts()
+        self.ai_extensions = find_ai_extensions(self.serverapp.jpserver_extensions)
+        for found in self.ai_extensions:
+            if not found["disabled"]:
+                self.log.warning(
+                    "jupyter-dua-guard: AI assistant %s is installed and active (%s); it runs "
+                    "outside the kernel guard (NCCR DUA sec. 22)",
+                    found["name"],
+                    ", ".join(found["active_server_extensions"] + found["active_lab_extensions"]),
+                )
         if self.guard.enabled:
             self._start_kernel_guard()
 
@@ -137,8 +156,13 @@ class DUAGuardExtension(ExtensionApp):
             [
                 (f"{API_PREFIX}/status", StatusHandler),
                 (f"{API_PREFIX}/events", EventsHandler),
+                (f"{API_PREFIX}/report", ReportHandler),
+                (f"{API_PREFIX}/reviews", ReviewsHandler),
+                (f"{API_PREFIX}/decisions", DecisionsHandler),
+                (f"{API_PREFIX}/detect", DetectHandler),
             ]
         )
+        export_guard.install(self)
 
     def ledger(self) -> Ledger:
         """The server's ledger connection, opened on first use (raises ``LedgerError``)."""

@@ -57,12 +57,15 @@ class OutputGuard:
                 f"jupyter-dua-guard: output not checked ({exc.__class__.__name__})", file=sys.stderr
             )
             return data, metadata
-        if findings:
+        if findings or _is_table(obj, data):
+            # A clean table carries its (empty) verdict too, so the page trusts the kernel's
+            # exact check of the object instead of asking the server to re-read the HTML.
             metadata = dict(metadata or {})
             metadata[METADATA_KEY] = {
                 "findings": [f.to_dict() for f in findings],
                 "kinds": sorted({f.kind for f in findings}),
             }
+        if findings:
             self.record(findings)
         return data, metadata
 
@@ -161,3 +164,11 @@ def unload_ipython_extension(ip: Any) -> None:
     guard = _GUARDS.pop(id(ip), None)
     if guard is not None:
         guard.uninstall()
+
+
+def _is_table(obj: Any, data: dict[str, Any] | None) -> bool:
+    """Whether a display shows a table (a data frame, or HTML with a <table>)."""
+    if type(obj).__name__ in ("DataFrame", "Series", "LazyFrame", "Styler"):
+        return True
+    html = (data or {}).get("text/html")
+    return isinstance(html, str) and "<table" in html[:4096].lower()

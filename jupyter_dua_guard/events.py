@@ -33,6 +33,7 @@ DATA_READ = "data_read"
 OUTPUT_FLAGGED = "output_flagged"
 REVIEW_SIGNED = "review_signed"
 GUARD_DEFAULTS_USED = "guard_defaults_used"
+DISCLOSURE_DECISION = "disclosure_decision"
 
 EVENT_KINDS: tuple[str, ...] = (
     KERNEL_STARTED,
@@ -44,6 +45,7 @@ EVENT_KINDS: tuple[str, ...] = (
     OUTPUT_FLAGGED,
     REVIEW_SIGNED,
     GUARD_DEFAULTS_USED,
+    DISCLOSURE_DECISION,
 )
 
 #: The ``data`` fields each kind is expected to carry (documentation and schema source).
@@ -93,6 +95,14 @@ EVENT_FIELDS: dict[str, dict[str, str]] = {
     GUARD_DEFAULTS_USED: {
         "settings": "names of settings left at their defaults",
         "detail": "why this matters",
+    },
+    DISCLOSURE_DECISION: {
+        "action": "what the researcher tried with a flagged output: copy or export",
+        "decision": "what they chose: copied, exported or cancelled",
+        "notebook": "the notebook the output belongs to",
+        "command": "the JupyterLab command, for exports",
+        "flagged_outputs": "how many unreviewed flagged outputs the notebook had",
+        "user": "the Jupyter user who decided",
     },
 }
 

@@ -73,6 +73,21 @@ def kernel_guard_env(
     return {k: v for k, v in env.items() if v}
 
 
+#: Loads the output detector in IPython kernels, next to the user's own extensions.
+DISPLAY_EXTENSION_ARG = "--InteractiveShellApp.extra_extensions=jupyter_dua_guard.display"
+
+
+def with_output_check(cmd: list[str]) -> list[str]:
+    """An IPython kernel command that also checks every displayed output (DUA sec. 17).
+
+    Only ipykernel understands the option; other kernels' outputs are checked by the
+    server's detector when the page shows them.
+    """
+    if any("ipykernel" in part for part in cmd) and DISPLAY_EXTENSION_ARG not in cmd:
+        return [*cmd, DISPLAY_EXTENSION_ARG]
+    return cmd
+
+
 class DUAGuardProvisioner(LocalProvisioner):  # type: ignore[misc]
     """Local kernels with the DUA guard's environment (see module docstring)."""
 
@@ -84,6 +99,7 @@ class DUAGuardProvisioner(LocalProvisioner):  # type: ignore[misc]
         for name in (ENV_POLICY, ENV_NOTEBOOK):
             env.pop(name, None)  # never inherit another kernel's or the server's values
         env.update(kernel_guard_env(settings, self.kernel_id, notebook))
+        kwargs["cmd"] = with_output_check(list(kwargs.get("cmd") or []))
         if not settings.get("policy_path"):
             self.log.warning(
                 "jupyter-dua-guard: no policy file for kernel %s; it runs on the built-in "

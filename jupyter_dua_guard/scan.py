@@ -156,15 +156,25 @@ def _check_structure(nb: Any) -> None:
 
 
 def scan_notebook_node(
-    nb: Any, *, settings: DetectorSettings | None = None, notebook: str | None = None
+    nb: Any,
+    *,
+    settings: DetectorSettings | None = None,
+    notebook: str | None = None,
+    skip_reviewed: bool = False,
 ) -> list[Finding]:
-    """Findings of every output of an already-read notebook."""
+    """Findings of every output of an already-read notebook.
+
+    ``skip_reviewed`` leaves out outputs that a reviewer marked as reviewed in JupyterLab
+    (their metadata carries the review), as the export guard does.
+    """
     settings = settings or DetectorSettings()
     findings: list[Finding] = []
     for ci, cell in enumerate(nb.get("cells", [])):
         if cell.get("cell_type") != "code":
             continue
         for oi, out in enumerate(cell.get("outputs") or []):
+            if skip_reviewed and _reviewed(out):
+                continue
             loc: dict[str, Any] = {"cell": ci, "output": oi}
             if notebook is not None:
                 loc = {"notebook": notebook, **loc}
@@ -178,6 +188,11 @@ def scan_notebook_node(
                     f"({exc.__class__.__name__}); please report this output's format"
                 ) from None
     return findings
+
+
+def _reviewed(output: Any) -> bool:
+    verdict = (output.get("metadata") or {}).get("jupyter_dua_guard")
+    return isinstance(verdict, dict) and isinstance(verdict.get("review"), dict)
 
 
 def content_hash(raw: bytes) -> str:

@@ -8,9 +8,9 @@ import uuid
 import pytest
 
 from jupyter_dua_guard.ledger import open_ledger
+from jupyter_dua_guard.provisioner import DISPLAY_EXTENSION_ARG, with_output_check
 
 SETUP = """
-%load_ext jupyter_dua_guard.display
 import numpy as np, pandas as pd
 rng = np.random.default_rng(5)
 n = 60
@@ -75,7 +75,8 @@ def ledger_url(tmp_path, monkeypatch):
 async def test_flagged_dataframe_carries_findings_and_is_recorded(
     jp_fetch, jp_ws_fetch, ledger_url, jp_root_dir
 ):
-    # Started as JupyterLab starts a notebook's kernel, so the guard knows the notebook.
+    # Started as JupyterLab starts a notebook's kernel, so the guard knows the notebook and
+    # the guard provisioner loads the output check without any %load_ext.
     (jp_root_dir / "analysis").mkdir()
     resp = await jp_fetch(
         "api",
@@ -114,7 +115,8 @@ async def test_flagged_dataframe_carries_findings_and_is_recorded(
         shown = [o for o in outputs if o["msg_type"] == "display_data"]
         assert len(shown) == 2
         assert "jupyter_dua_guard" in shown[0]["content"]["metadata"]
-        assert "jupyter_dua_guard" not in shown[1]["content"]["metadata"]
+        # the clean aggregate carries an empty verdict: the page trusts it and asks no one
+        assert shown[1]["content"]["metadata"]["jupyter_dua_guard"]["findings"] == []
 
         # small cells in a crosstab
         status, outputs = await execute(
@@ -158,3 +160,13 @@ def test_kernel_thresholds_come_from_policy_file(tmp_path, monkeypatch):
     assert _settings_from_policy().vocabulary.role("residence_zone") == "qi:geo"
     policy.write_text("{broken")
     assert _settings_from_policy().min_cell_count == 16
+
+
+def test_only_ipython_kernels_get_the_output_check():
+    ipython = ["python", "-m", "ipykernel_launcher", "-f", "{connection_file}"]
+    guarded = with_output_check(ipython)
+    assert guarded[:5] == ipython
+    assert guarded.count(DISPLAY_EXTENSION_ARG) == 1
+    assert with_output_check(guarded) == guarded
+    r_kernel = ["R", "--slave", "-e", "IRkernel::main()", "--args", "{connection_file}"]
+    assert with_output_check(r_kernel) == r_kernel
