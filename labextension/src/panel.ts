@@ -58,11 +58,28 @@ export class GuardPanel extends Widget {
 
   /** Read the ledger and the status again and redraw. */
   async refresh(): Promise<void> {
-    const path = this._tracker?.currentWidget?.context.path;
-    const [status, page] = await Promise.all([
+    const current = this._tracker?.currentWidget;
+    const path = current?.context.path;
+    const kernel = current?.sessionContext.session?.kernel?.id;
+    // The notebook's own events, and its kernel's: a kernel keeps the notebook name it was
+    // started with, so after a rename its events are found through the kernel id.
+    const [status, byPath, byKernel] = await Promise.all([
       fetchStatus(),
-      fetchEvents({ notebook: path, order: 'desc', limit: 50 })
+      path ? fetchEvents({ notebook: path, order: 'desc', limit: 50 }) : null,
+      kernel ? fetchEvents({ kernel, order: 'desc', limit: 50 }) : null
     ]);
+    const merged = new Map<number, ILedgerEvent>();
+    for (const event of [
+      ...(byPath?.events ?? []),
+      ...(byKernel?.events ?? [])
+    ]) {
+      merged.set(event.seq, event);
+    }
+    const page = {
+      events: Array.from(merged.values())
+        .sort((a, b) => b.seq - a.seq)
+        .slice(0, 50)
+    };
     this.node.replaceChildren();
 
     const heading = document.createElement('h2');

@@ -86,7 +86,7 @@ export class GuardStatusItem extends Widget {
     });
     const blocked = page.events.filter(e => e.kind === 'egress_blocked').length;
     const imports = page.events.filter(e => e.kind === 'ai_ml_import').length;
-    this._counts.textContent = ` · ${blocked} blocked · ${imports} AI/ML`;
+    this._counts.textContent = `· ${blocked} blocked · ${imports} AI/ML`;
     this._counts.title = `${blocked} blocked connection attempt(s) and ${imports} AI/ML import(s) recorded for this kernel`;
   }
 
