@@ -20,10 +20,16 @@ for (const rows of SIZES) {
       }).observe({ type: 'longtask', buffered: false });
       new MutationObserver(() => {
         const now = performance.now();
-        if (!w.__bench.output && document.querySelector('.jp-OutputArea-output table')) {
+        if (
+          !w.__bench.output &&
+          document.querySelector('.jp-OutputArea-output table')
+        ) {
           w.__bench.output = now;
         }
-        if (!w.__bench.banner && document.querySelector('.jp-DUAGuard-banner')) {
+        if (
+          !w.__bench.banner &&
+          document.querySelector('.jp-DUAGuard-banner')
+        ) {
           w.__bench.banner = now;
         }
       }).observe(document.body, { childList: true, subtree: true });
@@ -38,7 +44,9 @@ cases = pd.DataFrame({
 HTML(cases.to_html())`;
     await page.notebook.setCell(0, 'code', source);
     await page.notebook.runCell(0, true);
-    await expect(page.locator('.jp-DUAGuard-banner')).toBeVisible({ timeout: 60000 });
+    await expect(page.locator('.jp-DUAGuard-banner')).toBeVisible({
+      timeout: 60000
+    });
     const bench = await page.evaluate(() => (window as any).__bench);
     const latency = Math.max(0, bench.banner - bench.output);
     console.log(`BENCH banner_ms_${rows} ${latency.toFixed(1)}`);
