@@ -7,6 +7,7 @@ from jupyter_core.application import JupyterApp
 from ._version import __version__
 from .cli_guard import SUBCOMMANDS as GUARD_SUBCOMMANDS
 from .cli_ledger import SUBCOMMANDS as LEDGER_SUBCOMMANDS
+from .cli_network import SUBCOMMANDS as NETWORK_SUBCOMMANDS
 from .config import DUAGuard, SettingsError
 
 
@@ -26,6 +27,7 @@ class DUAGuardApp(JupyterApp):
     subcommands: dict = {
         **LEDGER_SUBCOMMANDS,
         **GUARD_SUBCOMMANDS,
+        **NETWORK_SUBCOMMANDS,
         "scan": (
             "jupyter_dua_guard.scan.ScanApp",
             "Scan notebooks for individual-level outputs and small cells (exit 1 if flagged).",

@@ -33,6 +33,7 @@ DATA_READ = "data_read"
 OUTPUT_FLAGGED = "output_flagged"
 REVIEW_SIGNED = "review_signed"
 GUARD_DEFAULTS_USED = "guard_defaults_used"
+CSP_VIOLATION = "csp_violation"
 
 EVENT_KINDS: tuple[str, ...] = (
     KERNEL_STARTED,
@@ -44,6 +45,7 @@ EVENT_KINDS: tuple[str, ...] = (
     OUTPUT_FLAGGED,
     REVIEW_SIGNED,
     GUARD_DEFAULTS_USED,
+    CSP_VIOLATION,
 )
 
 #: The ``data`` fields each kind is expected to carry (documentation and schema source).
@@ -93,6 +95,12 @@ EVENT_FIELDS: dict[str, dict[str, str]] = {
     GUARD_DEFAULTS_USED: {
         "settings": "names of settings left at their defaults",
         "detail": "why this matters",
+    },
+    CSP_VIOLATION: {
+        "blocked_uri": "what the page tried to reach (query string removed)",
+        "host": "host of the blocked URI",
+        "directive": "the CSP directive that blocked it, e.g. connect-src",
+        "document_uri": "the Jupyter page that tried it (query string removed)",
     },
 }
 

@@ -28,6 +28,8 @@ class StatusHandler(ExtensionHandlerMixin, APIHandler):
                     "active": guard.enabled,
                     "python": platform.python_version(),
                     "platform": sys.platform,
+                    "defence": self.extensionapp.defence,
+                    "ai_extensions_actions": self.extensionapp.ai_extension_report,
                 }
             )
         )
