@@ -87,8 +87,8 @@ def render(
         lines += [f"address=/{d}/" for d, _ in names]  # covers sub-domains, answers NXDOMAIN
     elif fmt == "unbound":
         lines += [f"# {header}", "server:"]
-        for d, sub in names:
-            lines.append(f'  local-zone: "{d}." {"always_nxdomain" if sub else "always_nxdomain"}')
+        # a local-zone covers the name and every sub-domain
+        lines += [f'  local-zone: "{d}." always_nxdomain' for d, _ in names]
     elif fmt == "rpz":
         lines += [
             f"; {header}",
