@@ -84,6 +84,7 @@ def guard_kernelspecs(factory: Any, mode: str, log: Any) -> None:
 
     ``mode`` is ``"guard"`` (use this provisioner anyway, with a warning) or ``"refuse"``.
     """
+    factory._dua_guard_kernelspec_mode = mode  # the latest server's setting wins
     if getattr(factory.create_provisioner_instance, "_dua_guard_wrapped", False):
         return
     original = factory.create_provisioner_instance
@@ -93,12 +94,16 @@ def guard_kernelspecs(factory: Any, mode: str, log: Any) -> None:
         named = (metadata.get("kernel_provisioner") or {}).get("provisioner_name")
         if named and named != PROVISIONER_NAME:
             spec_name = getattr(kernel_spec, "display_name", "") or "this kernel"
-            if mode == "refuse":
-                raise RuntimeError(
+            if getattr(factory, "_dua_guard_kernelspec_mode", mode) == "refuse":
+                from tornado.web import HTTPError
+
+                # an HTTPError so that the kernels/sessions API shows the message to the user
+                raise HTTPError(
+                    403,
                     f"jupyter-dua-guard: kernelspec {spec_name!r} asks for provisioner "
                     f"{named!r}, which would run outside the DUA guard; it is refused "
                     "(DUAGuard.kernelspec_provisioners='refuse'). Ask your administrator to "
-                    f"remove 'kernel_provisioner' from the kernelspec or use {PROVISIONER_NAME!r}."
+                    f"remove 'kernel_provisioner' from the kernelspec or use {PROVISIONER_NAME!r}.",
                 )
             log.warning(
                 "jupyter-dua-guard: kernelspec %r names provisioner %r; starting it with %r "
