@@ -5,8 +5,8 @@ language) is given ``HTTP_PROXY``/``HTTPS_PROXY``/``ALL_PROXY`` pointing here, w
 per-kernel credentials in the URL, so requests and CONNECT tunnels to catalogued AI hosts
 are refused with ``403`` and recorded against the kernel and notebook that asked.
 
-Built on tornado's own networking (``TCPServer``, ``IOStream``, ``httputil`` parsing);
-after the request head, bytes are relayed unchanged in both directions.
+Request heads are parsed with tornado's ``httputil``; after the head, bytes are relayed
+unchanged in both directions by asyncio protocols.
 """
 
 from __future__ import annotations
@@ -16,16 +16,15 @@ import base64
 import hashlib
 import hmac
 import logging
+import re
 import secrets
 import socket
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from tornado import httputil
-from tornado.iostream import IOStream, StreamClosedError
+from tornado.ioloop import IOLoop
 from tornado.netutil import bind_sockets
-from tornado.tcpclient import TCPClient
-from tornado.tcpserver import TCPServer
 
 from .policy import Decision, HostSet, Policy, is_loopback, normalize_host
 
@@ -33,7 +32,7 @@ log = logging.getLogger("jupyter_dua_guard.proxy")
 
 EGRESS_MODES = ("blocklist", "allowlist")
 MAX_HEAD = 64 * 1024
-CHUNK = 256 * 1024
+_HEAD_END = re.compile(rb"\r?\n\r?\n")
 HOP_BY_HOP = (
     "Connection",
     "Keep-Alive",
@@ -114,8 +113,88 @@ def split_host_port(authority: str, default_port: int) -> tuple[str, int]:
     return host, port
 
 
-class EgressProxy(TCPServer):
-    """HTTP forward and CONNECT proxy enforcing the guard's policy (see module docstring)."""
+class _Downstream(asyncio.Protocol):
+    """The client side of one proxied connection: reads the request head, then relays."""
+
+    def __init__(self, proxy: EgressProxy) -> None:
+        self.proxy = proxy
+        self.transport: Any = None
+        self.up: Any = None
+        self.head = bytearray()
+        self.pending: list[bytes] = []
+        self.dispatched = False
+        self.closed = False
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        if self.up is not None:
+            self.up.write(data)
+            return
+        if self.dispatched:
+            self.pending.append(data)
+            return
+        self.head += data
+        match = _HEAD_END.search(self.head)
+        if match is None:
+            if len(self.head) > MAX_HEAD:
+                self.reply(431, "Request Header Fields Too Large", b"request head too large\n")
+            return
+        self.dispatched = True
+        head, rest = bytes(self.head[: match.end()]), bytes(self.head[match.end() :])
+        self.head = bytearray()
+        if rest:
+            self.pending.append(rest)
+        self.transport.pause_reading()
+        task = asyncio.ensure_future(self.proxy._dispatch(self, head))
+        self.proxy._tasks.add(task)
+        task.add_done_callback(self.proxy._tasks.discard)
+
+    def reply(self, status: int, reason: str, body: bytes, extra: str = "") -> None:
+        if not self.closed:
+            self.transport.write(_response(status, reason, body, extra))
+            self.transport.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        if self.up is not None:
+            self.up.close()
+
+    def pause_writing(self) -> None:
+        if self.up is not None:
+            self.up.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.up is not None:
+            self.up.resume_reading()
+
+
+class _Upstream(asyncio.Protocol):
+    """The server side of one proxied connection: relays bytes back to the client."""
+
+    def __init__(self, down: _Downstream) -> None:
+        self.down = down
+
+    def data_received(self, data: bytes) -> None:
+        self.down.transport.write(data)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.down.transport.close()  # close() flushes what is buffered first
+
+    def pause_writing(self) -> None:
+        self.down.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.down.transport.resume_reading()
+
+
+class EgressProxy:
+    """HTTP forward and CONNECT proxy enforcing the guard's policy (see module docstring).
+
+    Request heads are parsed with tornado's ``httputil``; after the head, asyncio
+    protocols relay bytes with flow control (IOStream copies cost 4x the throughput).
+    """
 
     def __init__(
         self,
@@ -129,7 +208,6 @@ class EgressProxy(TCPServer):
         resolve: Mapping[str, str] | None = None,
         notebooks: Mapping[str, str] | None = None,
     ) -> None:
-        super().__init__(max_buffer_size=MAX_HEAD + CHUNK)
         if egress_mode not in EGRESS_MODES:
             raise ValueError(
                 f"unknown egress mode {egress_mode!r}: use one of {', '.join(EGRESS_MODES)}"
@@ -144,16 +222,32 @@ class EgressProxy(TCPServer):
         self.notebooks: dict[str, str] = dict(notebooks or {})
         self.host = "127.0.0.1"
         self.port = 0
-        self._client = TCPClient()
+        self._server: Any = None
+        self._starting: Any = None
+        self._tasks: set[Any] = set()
 
     # -- life cycle
     def listen_loopback(self, port: int = 0, host: str = "127.0.0.1") -> int:
-        """Bind ``host:port`` (0 = any free port) and return the port."""
+        """Bind ``host:port`` now (0 = any free port); serve once the event loop runs."""
         sockets = bind_sockets(port, host, family=socket.AF_INET if ":" not in host else 0)
-        self.add_sockets(sockets)
+        sock = sockets[0]
+        for extra in sockets[1:]:
+            extra.close()
         self.host = host
-        self.port = sockets[0].getsockname()[1]
+        self.port = sock.getsockname()[1]
+        loop = IOLoop.current().asyncio_loop  # type: ignore[attr-defined]
+
+        async def serve() -> None:
+            self._server = await loop.create_server(lambda: _Downstream(self), sock=sock)
+
+        self._starting = asyncio.ensure_future(serve(), loop=loop)
         return self.port
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        elif self._starting is not None:
+            self._starting.cancel()
 
     def url_for(self, kernel_id: str) -> str:
         return proxy_url(self.host, self.port, kernel_id, self.secret)
@@ -207,26 +301,22 @@ class EgressProxy(TCPServer):
     async def _record_async(self, *args: Any) -> None:
         await asyncio.get_running_loop().run_in_executor(None, self._record, *args)
 
-    # -- connections
-    async def handle_stream(self, stream: IOStream, address: Any) -> None:
+    # -- one connection
+    async def _dispatch(self, down: _Downstream, head: bytes) -> None:
         try:
-            await self._serve(stream)
-        except (StreamClosedError, ConnectionError):
-            pass
+            await self._dispatch_checked(down, head)
         except Exception as exc:
-            log.warning("jupyter-dua-guard proxy: connection from %s failed: %s", address, exc)
-        finally:
-            stream.close()
+            log.warning("jupyter-dua-guard proxy: request failed: %s", exc)
+            down.reply(500, "Internal Server Error", b"jupyter-dua-guard proxy error\n")
 
-    async def _serve(self, stream: IOStream) -> None:
-        head = await stream.read_until_regex(b"\r?\n\r?\n", max_bytes=MAX_HEAD)
+    async def _dispatch_checked(self, down: _Downstream, head: bytes) -> None:
         text = head.decode("latin-1")
         first, _, rest = text.partition("\n")
         try:
             start = httputil.parse_request_start_line(first.strip())
             headers = httputil.HTTPHeaders.parse(rest)
         except httputil.HTTPInputError:
-            await stream.write(_response(400, "Bad Request", b"malformed proxy request\n"))
+            down.reply(400, "Bad Request", b"malformed proxy request\n")
             return
         if start.method == "CONNECT":
             target, default_port = start.path, 443
@@ -234,45 +324,48 @@ class EgressProxy(TCPServer):
             parsed = httputil.urlparse(start.path)
             if parsed.scheme != "http" or not parsed.netloc:
                 body = b"this is a proxy: send absolute http:// URLs or CONNECT\n"
-                await stream.write(_response(400, "Bad Request", body))
+                down.reply(400, "Bad Request", body)
                 return
             target, default_port = parsed.netloc.rpartition("@")[2], 80
         try:
             host, port = split_host_port(target, default_port)
         except ValueError:
-            await stream.write(_response(400, "Bad Request", b"malformed destination\n"))
+            down.reply(400, "Bad Request", b"malformed destination\n")
             return
         kernel_id, authenticated = self.identify(headers)
         decision, name, why = self.decide(host, port)
         if decision in (Decision.BLOCK, "deny"):
             await self._record_async("egress_blocked", name, port, why, kernel_id)
             body = refusal_body(name, why) if decision == Decision.BLOCK else not_allowed_body(name)
-            await stream.write(_response(403, "Forbidden", body))
+            down.reply(403, "Forbidden", body)
             return
         if self.require_auth and not authenticated:
             body = b"jupyter-dua-guard proxy: use the proxy URL given to your kernel\n"
             extra = 'Proxy-Authenticate: Basic realm="jupyter-dua-guard"\r\n'
-            await stream.write(_response(407, "Proxy Authentication Required", body, extra))
+            down.reply(407, "Proxy Authentication Required", body, extra)
             return
         if decision == Decision.ALLOW_AI:
             await self._record_async("egress_allowed_ai", name, port, why, kernel_id)
         address = self.resolve.get(name, host)
+        loop = asyncio.get_running_loop()
         try:
-            upstream = await self._client.connect(address, port)
-        except (OSError, StreamClosedError) as exc:
+            up, _ = await loop.create_connection(lambda: _Upstream(down), address, port)
+        except OSError as exc:
             msg = f"jupyter-dua-guard proxy: cannot reach {name}:{port} ({exc})\n".encode()
-            await stream.write(_response(502, "Bad Gateway", msg))
+            down.reply(502, "Bad Gateway", msg)
             return
-        upstream.set_nodelay(True)
-        stream.set_nodelay(True)
-        try:
-            if start.method == "CONNECT":
-                await stream.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
-            else:
-                await upstream.write(self._origin_request(start, headers, host, port))
-            await asyncio.gather(self._pipe(stream, upstream), self._pipe(upstream, stream))
-        finally:
-            upstream.close()
+        if down.closed:
+            up.close()
+            return
+        if start.method == "CONNECT":
+            down.transport.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
+        else:
+            up.write(self._origin_request(start, headers, host, port))
+        for chunk in down.pending:
+            up.write(chunk)
+        down.pending = []
+        down.up = up
+        down.transport.resume_reading()
 
     @staticmethod
     def _origin_request(
@@ -290,18 +383,6 @@ class EgressProxy(TCPServer):
         lines = [f"{start.method} {path} {start.version}"]
         lines += [f"{k}: {v}" for k, v in headers.get_all()]
         return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
-
-    @staticmethod
-    async def _pipe(src: IOStream, dst: IOStream) -> None:
-        try:
-            while True:
-                chunk = await src.read_bytes(CHUNK, partial=True)
-                await dst.write(chunk)
-        except StreamClosedError:
-            pass
-        finally:
-            # half-close is not available on IOStream: closing both ends finishes the exchange
-            dst.close()
 
 
 def new_secret() -> bytes:
