@@ -54,7 +54,11 @@ def disable_server_extensions(serverapp: Any, modules: Iterable[str], log: Any) 
     done = []
     manager = getattr(serverapp, "extension_manager", None)
     for module in modules:
-        serverapp.jpserver_extensions[module] = False
+        # in the config too: extension apps re-apply the config to the ServerApp later
+        configured = dict(serverapp.config.ServerApp.get("jpserver_extensions", None) or {})
+        configured[module] = False
+        serverapp.config.ServerApp.jpserver_extensions = configured
+        serverapp.jpserver_extensions = {**serverapp.jpserver_extensions, module: False}
         package = manager.extensions.get(module) if manager is not None else None
         if package is not None:
             package.enabled = False
