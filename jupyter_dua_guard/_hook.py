@@ -281,8 +281,8 @@ def make_handlers(
                     )
                     raise PackageRefused(
                         f"jupyter-dua-guard: import of {key!r} refused: {reason} "
-                        "(NCCR DUA sec. 22). The refusal was recorded. "
-                        f"{admin_hint}",
+                        "(NCCR DUA sec. 22). The refusal was recorded. An administrator "
+                        "can allow it by removing it from c.DUAGuard.refused_packages.",
                         name=name,
                     )
         entries = by_top.get(top)
