@@ -24,19 +24,18 @@ SERVER = textwrap.dedent(
     SMALL = b"x" * 512
     LARGE = b"y" * (1 << 20)
     LARGE_MB = int(sys.argv[1])
+    HEAD = b"HTTP/1.1 200 OK\\r\\nContent-Length: %d\\r\\nConnection: close\\r\\n\\r\\n"
 
     async def handle(reader, writer):
         head = await reader.readuntil(b"\\r\\n\\r\\n")
         path = head.split(b" ", 2)[1]
         if path.endswith(b"/large"):
-            writer.write(b"HTTP/1.1 200 OK\\r\\nContent-Length: %d\\r\\nConnection: close\\r\\n\\r\\n"
-                         % (LARGE_MB << 20))
+            writer.write(HEAD % (LARGE_MB << 20))
             for _ in range(LARGE_MB):
                 writer.write(LARGE)
                 await writer.drain()
         else:
-            writer.write(b"HTTP/1.1 200 OK\\r\\nContent-Length: 512\\r\\nConnection: close\\r\\n\\r\\n"
-                         + SMALL)
+            writer.write(HEAD % 512 + SMALL)
         await writer.drain()
         writer.close()
 
@@ -56,7 +55,9 @@ PROXY = textwrap.dedent(
     from jupyter_dua_guard.proxy import EgressProxy
 
     async def main():
-        proxy = EgressProxy(Policy(build_policy()), secret=b"bench", resolve={"data.bench.test": "127.0.0.1"})
+        proxy = EgressProxy(
+            Policy(build_policy()), secret=b"bench", resolve={"data.bench.test": "127.0.0.1"}
+        )
         print(proxy.listen_loopback(0), flush=True)
         await asyncio.Event().wait()
 
@@ -66,9 +67,7 @@ PROXY = textwrap.dedent(
 
 
 def start(code: str, *args: str) -> tuple[subprocess.Popen, int]:
-    proc = subprocess.Popen(
-        [sys.executable, "-c", code, *args], stdout=subprocess.PIPE, text=True
-    )
+    proc = subprocess.Popen([sys.executable, "-c", code, *args], stdout=subprocess.PIPE, text=True)
     port = int(proc.stdout.readline())
     return proc, port
 

@@ -18,7 +18,7 @@ import pytest
 from jupyter_dua_guard.ai_disable import is_approved, page_config_hook, plan
 
 FAKE = "fake_jupyter_ai"
-FAKE_SRC = '''
+FAKE_SRC = """
 LOADED = []
 
 def _jupyter_server_extension_points():
@@ -26,7 +26,7 @@ def _jupyter_server_extension_points():
 
 def _load_jupyter_server_extension(serverapp):
     LOADED.append(serverapp)
-'''
+"""
 
 
 def fake_find(jpserver_extensions: dict[str, bool]) -> list[dict[str, Any]]:

@@ -218,9 +218,7 @@ def test_dotted_catalogue_names(tmp_path) -> None:
     (site / "google" / "protobuf_like" / "__init__.py").write_text("")
     info = site / "google_genai-0.8.3.dist-info"
     info.mkdir()
-    (info / "METADATA").write_text(
-        "Metadata-Version: 2.1\nName: google-genai\nVersion: 0.8.3\n"
-    )
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: google-genai\nVersion: 0.8.3\n")
     url = f"sqlite:///{tmp_path}/ledger.sqlite"
     code = (
         f"import sys\nsys.path.insert(0, {str(site)!r})\n"

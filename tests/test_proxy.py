@@ -88,8 +88,18 @@ def proxy(ledger_url):
 def curl(proxy_url: str, url: str, *extra: str) -> tuple[str, str, str]:
     """(body, http code, connect code) of curl through ``proxy_url``."""
     out = subprocess.run(
-        ["curl", "-s", "-m", "20", "-x", proxy_url, "-w", "\n%{http_code} %{http_connect}", *extra]
-        + [url],
+        [
+            "curl",
+            "-s",
+            "-m",
+            "20",
+            "-x",
+            proxy_url,
+            "-w",
+            "\n%{http_code} %{http_connect}",
+            *extra,
+            url,
+        ],
         capture_output=True,
         text=True,
         env=PLAIN_ENV,
@@ -181,16 +191,16 @@ print(json.dumps(out))
     out = json.loads(done.stdout.strip().splitlines()[-1])
     assert out.pop("hooked") is False
     assert out["http://generativelanguage.googleapis.com/x"][0] == 403
-    assert "generativelanguage.googleapis.com" in out["http://generativelanguage.googleapis.com/x"][1]
+    assert (
+        "generativelanguage.googleapis.com" in out["http://generativelanguage.googleapis.com/x"][1]
+    )
     # HTTPS through CONNECT: urllib reports the refused tunnel as an OSError naming 403
     assert "403" in str(out["https://api.openai.com/v1/models"])
     assert out[f"http://data.registry.test:{local_server.port}/"] == LocalServer.body.decode()
 
 
 def test_allowlist_mode_passes_only_listed_hosts(ledger_url, local_server):
-    running = make_proxy(
-        ledger_url, egress_mode="allowlist", egress_allowed_hosts=["*.site.test"]
-    )
+    running = make_proxy(ledger_url, egress_mode="allowlist", egress_allowed_hosts=["*.site.test"])
     try:
         ok = curl(running.url(), f"http://mirror.site.test:{local_server.port}/")
         assert ok[1] == "200"
@@ -234,3 +244,40 @@ def test_proxy_env_sets_upper_and_lower_case_and_keeps_loopback_direct():
     for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY"):
         assert env[name] == env[name.lower()] == "http://k:t@127.0.0.1:9"
     assert "127.0.0.1" in env["NO_PROXY"] and "localhost" in env["no_proxy"]
+
+
+def test_proxy_service_command_refuses_and_records(tmp_path, local_server):
+    """``jupyter dua-guard proxy`` as an admin runs it for a hub, with a shared secret."""
+    secret = tmp_path / "secret"
+    secret.write_bytes(SECRET)
+    url = f"sqlite:///{tmp_path}/svc/ledger.sqlite"
+    env = {**PLAIN_ENV, "JUPYTER_CONFIG_DIR": str(tmp_path), "JUPYTER_DUA_GUARD_LEDGER": url}
+    args = [sys.executable, "-m", "jupyter_dua_guard.cli", "proxy", "--port", "0"]
+    args += [
+        "--secret-file",
+        str(secret),
+        "--DUAGuard.proxy_resolve={'data.registry.test': '127.0.0.1'}",
+    ]
+    proc = subprocess.Popen(
+        args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+    )
+    try:
+        line = proc.stdout.readline()
+        assert "listening on http://127.0.0.1:" in line, proc.stderr.read()
+        port = int(line.rsplit(":", 1)[1])
+        good = f"http://{KERNEL}:{kernel_token(SECRET, KERNEL)}@127.0.0.1:{port}"
+        body, code, _ = curl(good, "http://api.mistral.ai/v1/chat")
+        assert code == "403" and "api.mistral.ai" in body
+        ok = curl(good, f"http://data.registry.test:{local_server.port}/")
+        assert ok[:2] == (LocalServer.body.decode(), "200")
+        assert (
+            curl(f"http://127.0.0.1:{port}", f"http://data.registry.test:{local_server.port}/")[1]
+            == "407"
+        )
+        records = blocked_records(url)
+        assert [(r["data"]["host"], r["context"]["kernel_id"]) for r in records] == [
+            ("api.mistral.ai", KERNEL)
+        ]
+    finally:
+        proc.terminate()
+        proc.wait(10)

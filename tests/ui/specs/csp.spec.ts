@@ -54,20 +54,25 @@ test('fetch to an AI host is blocked by CSP and recorded; notebooks still work',
   await page.notebook.createNew('csp-check.ipynb');
   await page.notebook.setCell(0, 'code', 'print(6 * 7)');
   await page.notebook.runCell(0);
-  await expect(page.locator('.jp-OutputArea-output').first()).toContainText('42');
+  await expect(page.locator('.jp-OutputArea-output').first()).toContainText(
+    '42'
+  );
 
   // A widget-free Plotly-like HTML output (inline SVG + script) renders.
   await page.notebook.addCell(
     'code',
     [
       'from IPython.display import HTML',
-      'HTML("""<div id=\'plotly-like\' class=\'plotly-graph-div\'>',
-      '<svg width=\'120\' height=\'60\'><rect width=\'90\' height=\'40\' fill=\'steelblue\'/></svg>',
-      '</div><script>document.getElementById(\'plotly-like\').dataset.rendered = \'yes\';</script>""")'
+      "HTML(\"\"\"<div id='plotly-like' class='plotly-graph-div'>",
+      "<svg width='120' height='60'><rect width='90' height='40' fill='steelblue'/></svg>",
+      "</div><script>document.getElementById('plotly-like').dataset.rendered = 'yes';</script>\"\"\")"
     ].join('\n')
   );
   await page.notebook.runCell((await page.notebook.getCellCount()) - 1);
   await expect(page.locator('#plotly-like svg rect')).toBeVisible();
-  await expect(page.locator('#plotly-like')).toHaveAttribute('data-rendered', 'yes');
+  await expect(page.locator('#plotly-like')).toHaveAttribute(
+    'data-rendered',
+    'yes'
+  );
   await page.screenshot({ path: 'test-results/csp-notebook.png' });
 });
