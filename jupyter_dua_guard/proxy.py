@@ -32,6 +32,7 @@ log = logging.getLogger("jupyter_dua_guard.proxy")
 
 EGRESS_MODES = ("blocklist", "allowlist")
 MAX_HEAD = 64 * 1024
+RELAY_READ_SIZE = 1 << 20
 _HEAD_END = re.compile(rb"\r?\n\r?\n")
 HOP_BY_HOP = (
     "Connection",
@@ -113,6 +114,13 @@ def split_host_port(authority: str, default_port: int) -> tuple[str, int]:
     return host, port
 
 
+def _tune(transport: Any) -> None:
+    """Read up to 1 MiB per call (asyncio's default is 256 KiB): fewer Python-level
+    round trips on large downloads."""
+    if hasattr(transport, "max_size"):
+        transport.max_size = RELAY_READ_SIZE
+
+
 class _Downstream(asyncio.Protocol):
     """The client side of one proxied connection: reads the request head, then relays."""
 
@@ -127,6 +135,7 @@ class _Downstream(asyncio.Protocol):
 
     def connection_made(self, transport: Any) -> None:
         self.transport = transport
+        _tune(transport)
 
     def data_received(self, data: bytes) -> None:
         if self.up is not None:
@@ -175,6 +184,9 @@ class _Upstream(asyncio.Protocol):
 
     def __init__(self, down: _Downstream) -> None:
         self.down = down
+
+    def connection_made(self, transport: Any) -> None:
+        _tune(transport)
 
     def data_received(self, data: bytes) -> None:
         self.down.transport.write(data)
