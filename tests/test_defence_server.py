@@ -59,7 +59,16 @@ def records(url: str, kind: str) -> list[dict[str, Any]]:
 
 
 CURL_CELL = """
-import json, os, subprocess
+import json, os, subprocess, sys
+NOHOOK = '''
+import sys, urllib.request, urllib.error
+try:
+    urllib.request.urlopen("http://api.anthropic.com/v1/messages", timeout=20)
+    print("NO ERROR")
+except urllib.error.HTTPError as e:
+    named = "api.anthropic.com" in e.read().decode()
+    print(e.code, "jupyter_dua_guard.guard" in sys.modules, named)
+'''
 def curl(url, *extra):
     out = subprocess.run(["curl", "-s", "-m", "20", "-w", "\\n%{{http_code}} %{{http_connect}}",
                           *extra, url], capture_output=True, text=True).stdout
@@ -71,6 +80,9 @@ print(json.dumps({{
     "ai_http": curl("http://api.openai.com/v1/models"),
     "ai_https": curl("https://x.openai.azure.com/openai/deployments"),
     "local": curl("http://data.registry.test:{port}/table"),
+    # a Python process without the guard's hook (-S: no .pth start-up file)
+    "nohook": subprocess.run([sys.executable, "-S", "-c", NOHOOK], capture_output=True,
+                             text=True).stdout.strip(),
 }}))
 """
 
@@ -91,8 +103,13 @@ async def test_kernel_curl_goes_through_proxy(jp_fetch, jp_serverapp, ledger_url
     assert codes.startswith("403") and "api.openai.com" in body and "sec. 22" in body
     assert result["ai_https"][1].endswith("403")
     assert result["local"] == [LocalServer.body.decode(), "200 000"]
+    assert result["nohook"] == "403 False True"
     blocked = [r for r in records(ledger_url, "egress_blocked") if r["data"].get("layer")]
-    assert {r["data"]["host"] for r in blocked} == {"api.openai.com", "x.openai.azure.com"}
+    assert {r["data"]["host"] for r in blocked} == {
+        "api.openai.com",
+        "x.openai.azure.com",
+        "api.anthropic.com",
+    }
     assert {r["context"]["kernel_id"] for r in blocked} == {kernel_id}
     assert {r["context"]["notebook"] for r in blocked} == {NOTEBOOK}
     status = json.loads((await jp_fetch("dua-guard", "api", "status")).body)
@@ -230,17 +247,23 @@ async def test_grpc_ai_sdks_are_refused_at_import(jp_fetch, jp_serverapp, tmp_pa
         assert "gRPC" in result[name] and "sec. 22" in result[name]
 
 
-@pytest.mark.parametrize("extra_settings", [{"refused_packages": {}}])
+@pytest.mark.parametrize(
+    "extra_settings", [{"refused_packages": {"fakeplain": "not approved by the site"}}]
+)
 async def test_grpc_refusal_is_configurable(jp_fetch, jp_serverapp, tmp_path, extra_settings):
     site = tmp_path / "site"
-    (site / "vertexai").mkdir(parents=True)
-    (site / "vertexai" / "__init__.py").write_text("")
+    for pkg in ("vertexai", "google/ai/generativelanguage", "fakeplain"):
+        (site / pkg).mkdir(parents=True)
+        (site / pkg / "__init__.py").write_text("")
     _, client = await start_notebook_kernel(jp_fetch, jp_serverapp, NOTEBOOK)
     try:
         out, _ = await run_cell(client, GRPC_CELL.format(site=str(site)))
     finally:
         client.stop_channels()
-    assert last_json(out)["vertexai"] == "imported"
+    result = last_json(out)
+    assert result["vertexai"] == "imported"
+    assert result["fakeplain"].startswith("PackageRefused: ")
+    assert "not approved by the site" in result["fakeplain"]
 
 
 def test_threat_model_doc_covers_every_bypass_path():
