@@ -138,7 +138,15 @@ class DUAGuardExtension(ExtensionApp):
             egress_allowed_hosts=g.egress_allowed_hosts,
             resolve=g.proxy_resolve,
         )
-        port = self.proxy.listen_loopback(g.proxy_port)
+        try:
+            port = self.proxy.listen_loopback(g.proxy_port)
+        except OSError as e:
+            message = (
+                f"jupyter-dua-guard: cannot start the egress proxy on 127.0.0.1:{g.proxy_port} "
+                f"({e.strerror or e}); set DUAGuard.proxy_port to a free port or 0."
+            )
+            self.log.critical(message)
+            raise SystemExit(message) from None
         self.log.info("jupyter-dua-guard: egress proxy on 127.0.0.1:%d (%s)", port, g.egress_mode)
         return {"host": "127.0.0.1", "port": port, "secret": secret.hex()}
 

@@ -279,3 +279,31 @@ def test_threat_model_doc_covers_every_bypass_path():
         .split("|")
     ):
         assert path_name.strip() in text, path_name
+
+
+def test_site_wide_proxy_url_without_secret_gives_plain_url():
+    from jupyter_dua_guard.provisioner import kernel_guard_env
+
+    env = kernel_guard_env({"proxy": {"host": "proxy.site.test", "port": 3128}}, "k1", None)
+    assert env["HTTPS_PROXY"] == env["all_proxy"] == "http://proxy.site.test:3128"
+    env = kernel_guard_env(
+        {"proxy": {"host": "proxy.site.test", "port": 3128, "secret": b"s".hex()}}, "k1", None
+    )
+    assert env["HTTP_PROXY"].startswith("http://k1:") and env["http_proxy"].endswith(":3128")
+
+
+def test_busy_proxy_port_stops_the_server_with_one_line(jp_configurable_serverapp, ledger_url):
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        with pytest.raises(SystemExit) as e:
+            jp_configurable_serverapp(
+                config={
+                    "ServerApp": {"jpserver_extensions": {"jupyter_dua_guard": True}},
+                    "DUAGuard": {"ledger_url": ledger_url, "proxy_port": port},
+                }
+            )
+    assert "DUAGuard.proxy_port" in str(e.value) and "\n" not in str(e.value)
