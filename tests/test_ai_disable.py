@@ -49,8 +49,7 @@ def fake_extension(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(tmp_path))
     detector = types.ModuleType("jupyter_dua_guard.ai_extensions")
     detector.find_ai_extensions = fake_find  # type: ignore[attr-defined]
-    if "jupyter_dua_guard.ai_extensions" not in sys.modules:
-        monkeypatch.setitem(sys.modules, "jupyter_dua_guard.ai_extensions", detector)
+    monkeypatch.setitem(sys.modules, "jupyter_dua_guard.ai_extensions", detector)
     monkeypatch.delitem(sys.modules, FAKE, raising=False)
     yield
     sys.modules.pop(FAKE, None)
