@@ -148,6 +148,10 @@ def make_handlers(
         by_top.setdefault(name.partition(".")[0], []).append(
             (name, list(entry["distributions"]), entry["category"])
         )
+    refused_top: dict[str, list[tuple[str, str]]] = {}
+    for name, reason in getattr(policy, "refused", {}).items():
+        refused_top.setdefault(name.partition(".")[0], []).append((name, reason))
+    PackageRefused = errors.get("PackageRefused", ImportError)
     seen_packages: set[str] = set()
     missing_tries: dict[str, int] = {}
     seen_ai: set[tuple[str, Any]] = set()
@@ -263,11 +267,25 @@ def make_handlers(
 
     # ---------------------------------------------------------------- files & imports
 
-    def on_import(args: tuple) -> None:
+    def on_import(args: tuple, refuse: bool = True) -> None:
         name = args[0]
         if type(name) is not str:
             return
-        entries = by_top.get(name.partition(".")[0])
+        top = name.partition(".")[0]
+        if refuse and top in refused_top:
+            for key, reason in refused_top[top]:
+                if name == key or name.startswith(key + "."):
+                    recording(
+                        "egress_blocked",
+                        {"host": "", "port": None, "rule": f"import {key} refused: {reason}"},
+                    )
+                    raise PackageRefused(
+                        f"jupyter-dua-guard: import of {key!r} refused: {reason} "
+                        "(NCCR DUA sec. 22). The refusal was recorded. An administrator "
+                        "can allow it by removing it from c.DUAGuard.refused_packages.",
+                        name=name,
+                    )
+        entries = by_top.get(top)
         if entries is None:
             return
         for key, dists, category in entries:
@@ -457,7 +475,7 @@ def make_handlers(
     # Catalogued packages loaded before the hook existed (server process, late install).
     for name in list(modules):
         if name.partition(".")[0] in by_top:
-            on_import((name,))
+            on_import((name,), False)
     return handlers
 
 

@@ -14,6 +14,7 @@ from . import export_guard
 from ._version import __version__
 from .ai_extensions import find_ai_extensions
 from .config import DUAGuard, SettingsError
+from .csp import CSPReportHandler
 from .events import KERNEL_STARTED, SCHEMA_ID, SCHEMA_PATH
 from .handlers import (
     DecisionsHandler,
@@ -43,8 +44,32 @@ class DUAGuardExtension(ExtensionApp):
 
     _ledger: Ledger | None = None
     _ledger_lock = threading.Lock()
+    proxy: Any = None
+    ai_extension_report: list[dict[str, Any]] = []
+    defence: dict[str, Any] = {}
+
+    def _link_jupyter_server_extension(self, serverapp: Any) -> None:
+        """Linking runs for every extension before any is loaded: the moment to turn off
+        AI assistant server extensions (DUA sec. 22) before they start."""
+        super()._link_jupyter_server_extension(serverapp)
+        try:
+            guard = DUAGuard(parent=self)
+        except Exception:
+            return  # reported as a settings error by initialize_settings
+        if guard.enabled:
+            self._disable_ai_extensions(serverapp, guard)
+
+    def _disable_ai_extensions(self, serverapp: Any, guard: DUAGuard) -> None:
+        from .ai_disable import disable_server_extensions, plan
+
+        found = find_ai_extensions(dict(serverapp.jpserver_extensions))
+        report = plan(found, guard.allow_ai_extensions)
+        for entry in report:
+            disable_server_extensions(serverapp, entry["disabled_server_extensions"], self.log)
+        self.ai_extension_report = report
 
     def initialize_settings(self) -> None:
+        self.defence = {}
         try:
             self.guard = DUAGuard.load(self)
         except SettingsError as error:
@@ -69,7 +94,7 @@ class DUAGuardExtension(ExtensionApp):
             self.log.error("jupyter-dua-guard: usage ledger unavailable: %s", exc)
         self._register_event_schema()
         self._watch_kernel_starts()
-        self.ai_extensions = find_ai_extensions(self.serverapp.jpserver_extensions)
+        self.ai_extensions = self._ai_extensions_now()
         for found in self.ai_extensions:
             if not found["disabled"]:
                 self.log.warning(
@@ -80,6 +105,89 @@ class DUAGuardExtension(ExtensionApp):
                 )
         if self.guard.enabled:
             self._start_kernel_guard()
+            self._apply_browser_policy()
+
+    def _ai_extensions_now(self) -> list[dict[str, Any]]:
+        """The AI assistants present, after the guard switched off what was not approved."""
+        actions = {entry["name"]: entry for entry in self.ai_extension_report}
+        disabled_lab = {x for e in self.ai_extension_report for x in e["disabled_lab_extensions"]}
+        found = find_ai_extensions(self.serverapp.jpserver_extensions)
+        for entry in found:
+            entry["active_lab_extensions"] = [
+                x for x in entry["active_lab_extensions"] if x not in disabled_lab
+            ]
+            entry["disabled"] = not (
+                entry["active_server_extensions"] or entry["active_lab_extensions"]
+            )
+            entry["action"] = actions.get(entry["name"], {}).get("action", "none")
+        return found
+
+    def _apply_browser_policy(self) -> None:
+        """CSP on every page and the page-config hook that disables AI lab plugins."""
+        from .ai_disable import page_config_hook
+        from .csp import build_csp
+
+        settings = self.serverapp.web_app.settings
+        if self.guard.csp_enabled:
+            headers = settings.setdefault("headers", {})
+            if "Content-Security-Policy" in headers:
+                self.log.warning(
+                    "jupyter-dua-guard: replacing the site's Content-Security-Policy header "
+                    "(set DUAGuard.csp_enabled=False to keep it)"
+                )
+            headers["Content-Security-Policy"] = build_csp(
+                settings.get("base_url", "/"), self.guard.csp_connect_src
+            )
+            self.defence["csp"] = headers["Content-Security-Policy"]
+        lab = [x for e in self.ai_extension_report for x in e["disabled_lab_extensions"]]
+        if lab:
+            settings["page_config_hook"] = page_config_hook(lab, settings.get("page_config_hook"))
+
+    def _start_proxy(self, policy: Any) -> dict[str, Any] | None:
+        """The egress proxy kernels are pointed at (ours, or the site's)."""
+        from urllib.parse import urlsplit
+
+        from .proxy import EgressProxy, ledger_recorder, new_secret
+
+        g = self.guard
+        if not g.proxy_enabled:
+            return None
+        secret = None
+        if g.proxy_secret_file:
+            try:
+                with open(os.path.expanduser(g.proxy_secret_file), "rb") as f:
+                    secret = f.read().strip()
+            except OSError as e:
+                raise SystemExit(
+                    f"jupyter-dua-guard: cannot read DUAGuard.proxy_secret_file ({e}); fix the "
+                    "path or permissions."
+                ) from None
+        if g.proxy_url:
+            parts = urlsplit(g.proxy_url)
+            info = {"host": parts.hostname, "port": parts.port or 3128, "external": True}
+            if secret:
+                info["secret"] = secret.hex()
+            return info
+        secret = secret or new_secret()
+        self.proxy = EgressProxy(
+            policy,
+            record=ledger_recorder(g.ledger_url or None),
+            secret=secret,
+            egress_mode=g.egress_mode,
+            egress_allowed_hosts=g.egress_allowed_hosts,
+            resolve=g.proxy_resolve,
+        )
+        try:
+            port = self.proxy.listen_loopback(g.proxy_port)
+        except OSError as e:
+            message = (
+                f"jupyter-dua-guard: cannot start the egress proxy on 127.0.0.1:{g.proxy_port} "
+                f"({e.strerror or e}); set DUAGuard.proxy_port to a free port or 0."
+            )
+            self.log.critical(message)
+            raise SystemExit(message) from None
+        self.log.info("jupyter-dua-guard: egress proxy on 127.0.0.1:%d (%s)", port, g.egress_mode)
+        return {"host": "127.0.0.1", "port": port, "secret": secret.hex()}
 
     def _start_kernel_guard(self) -> None:
         """Write the kernels' policy, make the guard provisioner the default, guard us."""
@@ -87,7 +195,7 @@ class DUAGuardExtension(ExtensionApp):
 
         from . import guard as kernel_guard
         from .policy import Policy, PolicyError, build_policy, load_policy, write_policy
-        from .provisioner import PROVISIONER_NAME, register_server_settings
+        from .provisioner import PROVISIONER_NAME, guard_kernelspecs, register_server_settings
 
         g = self.guard
         try:
@@ -99,6 +207,7 @@ class DUAGuardExtension(ExtensionApp):
                 data_paths=g.data_paths,
                 mode=g.mode,
                 model_artifact_patterns=g.model_artifact_patterns,
+                refused_packages=g.refused_packages,
                 base_dir=os.path.abspath(os.path.expanduser(self.serverapp.root_dir)),
             )
             policy = Policy(policy_doc)
@@ -115,6 +224,7 @@ class DUAGuardExtension(ExtensionApp):
             policy_doc, os.path.join(runtime_dir, f"jupyter_dua_guard_policy-{os.getpid()}.json")
         )
         ledger_url = self.guard.ledger_url or None
+        proxy_info = self._start_proxy(policy)
         register_server_settings(
             self.serverapp,
             {
@@ -122,9 +232,24 @@ class DUAGuardExtension(ExtensionApp):
                 "ledger_url": ledger_url,
                 "mode": policy.mode,
                 "root_dir": os.path.abspath(os.path.expanduser(self.serverapp.root_dir)),
+                "proxy": proxy_info,
+                "proxy_register": self.proxy.register_kernel if self.proxy else None,
             },
         )
+        self.defence["proxy"] = (
+            None
+            if proxy_info is None
+            else {
+                "host": proxy_info["host"],
+                "port": proxy_info["port"],
+                "external": bool(proxy_info.get("external")),
+                "egress_mode": g.egress_mode,
+            }
+        )
+        self.defence["refused_packages"] = sorted(policy.refused)
+        self.defence["kernelspec_provisioners"] = g.kernelspec_provisioners
         factory = KernelProvisionerFactory.instance(parent=self.serverapp)
+        guard_kernelspecs(factory, g.kernelspec_provisioners, self.log)
         if factory.default_provisioner_name in ("local-provisioner", PROVISIONER_NAME):
             factory.default_provisioner_name = PROVISIONER_NAME
         else:
@@ -140,6 +265,7 @@ class DUAGuardExtension(ExtensionApp):
                 kernel_guard.install(policy, ledger_url=ledger_url, protect_env=False)
             )
             self.log.info("jupyter-dua-guard: server process guarded (%s hook)", _server_guard)
+        self.defence["server_process_guarded"] = bool(_server_guard.get("installed"))
 
     def _register_event_schema(self) -> None:
         """Let jupyter_events listeners see the ledger's records as they are written."""
@@ -160,6 +286,7 @@ class DUAGuardExtension(ExtensionApp):
                 (f"{API_PREFIX}/reviews", ReviewsHandler),
                 (f"{API_PREFIX}/decisions", DecisionsHandler),
                 (f"{API_PREFIX}/detect", DetectHandler),
+                (f"{API_PREFIX}/csp-report", CSPReportHandler),
             ]
         )
         export_guard.install(self)
@@ -172,6 +299,9 @@ class DUAGuardExtension(ExtensionApp):
             return self._ledger
 
     async def stop_extension(self) -> None:
+        if self.proxy is not None:
+            self.proxy.stop()
+            self.proxy = None
         with self._ledger_lock:
             if self._ledger is not None:
                 self._ledger.close()

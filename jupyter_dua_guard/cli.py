@@ -8,6 +8,7 @@ from ._version import __version__
 from .cli_db import SUBCOMMANDS as DB_SUBCOMMANDS
 from .cli_guard import SUBCOMMANDS as GUARD_SUBCOMMANDS
 from .cli_ledger import SUBCOMMANDS as LEDGER_SUBCOMMANDS
+from .cli_network import SUBCOMMANDS as NETWORK_SUBCOMMANDS
 from .config import DUAGuard, SettingsError
 
 
@@ -28,6 +29,7 @@ class DUAGuardApp(JupyterApp):
         **LEDGER_SUBCOMMANDS,
         **DB_SUBCOMMANDS,
         **GUARD_SUBCOMMANDS,
+        **NETWORK_SUBCOMMANDS,
         "scan": (
             "jupyter_dua_guard.scan.ScanApp",
             "Scan notebooks for individual-level outputs and small cells (exit 1 if flagged).",

@@ -203,3 +203,113 @@ class DUAGuard(Configurable):
                     "{'distributions': [...], 'category': '...'}"
                 )
         return proposal["value"]
+
+    # ------------------------------------------------------------ defence in depth (issue 7)
+    proxy_enabled = Bool(
+        True,
+        help=(
+            "Start the egress proxy on loopback and give every kernel (any language) "
+            "HTTP_PROXY/HTTPS_PROXY/ALL_PROXY with per-kernel credentials, so `!curl`, R and "
+            "compiled HTTP clients are refused AI hosts too (DUA sec. 22)."
+        ),
+    ).tag(config=True)
+
+    proxy_port = Int(
+        0, help="Loopback port of the egress proxy the server starts (0 = any free port)."
+    ).tag(config=True)
+
+    proxy_url = Unicode(
+        "",
+        help=(
+            "Use this site-wide proxy (e.g. `jupyter dua-guard proxy` run as a service for a "
+            "hub) instead of starting one: http://host:port. Kernels get it with per-kernel "
+            "credentials when proxy_secret_file is set."
+        ),
+    ).tag(config=True)
+
+    proxy_secret_file = Unicode(
+        "",
+        help=(
+            "File holding the secret shared with a site-wide proxy; kernel credentials are "
+            "derived from it. Empty: the server's own proxy uses a fresh random secret."
+        ),
+    ).tag(config=True)
+
+    egress_mode = Enum(
+        ["blocklist", "allowlist"],
+        default_value="blocklist",
+        help=(
+            "What the egress proxy lets through: 'blocklist' refuses the AI catalogue and "
+            "passes other hosts; 'allowlist' passes only egress_allowed_hosts and allowed_hosts."
+        ),
+    ).tag(config=True)
+
+    egress_allowed_hosts = List(
+        Unicode(),
+        help=(
+            "Hosts the proxy passes in egress_mode='allowlist' (package mirrors, data portals). "
+            "Same pattern syntax as blocked_hosts."
+        ),
+    ).tag(config=True)
+
+    proxy_resolve = Dict(
+        Unicode(),
+        help=(
+            "Fixed addresses for host names the proxy connects to (like curl --resolve): "
+            "{'mirror.example.org': '10.0.0.5'}."
+        ),
+    ).tag(config=True)
+
+    allow_ai_extensions = List(
+        Unicode(),
+        help=(
+            "Approved AI assistant extensions to keep enabled (names or distributions from "
+            "jupyter_dua_guard/data/ai_extensions.json, e.g. 'jupyter-ai'). Every other "
+            "detected AI server or lab extension is disabled at start."
+        ),
+    ).tag(config=True)
+
+    csp_enabled = Bool(
+        True,
+        help=(
+            "Serve Jupyter pages with a Content-Security-Policy whose connect-src is the "
+            "server itself, so page scripts and browser-side assistants cannot send data "
+            "to AI services; violations are recorded in the ledger."
+        ),
+    ).tag(config=True)
+
+    csp_connect_src = List(
+        Unicode(),
+        help="Extra connect-src sources the pages may reach (e.g. an approved tile server).",
+    ).tag(config=True)
+
+    kernelspec_provisioners = Enum(
+        ["guard", "refuse"],
+        default_value="guard",
+        help=(
+            "Kernelspecs that name another provisioner: 'guard' starts them with the guard "
+            "provisioner anyway (logged); 'refuse' refuses to start them with a clear message."
+        ),
+    ).tag(config=True)
+
+    refused_packages = Dict(
+        help=(
+            "Packages refused at import in guarded kernels, import name -> reason. Defaults "
+            "to the gRPC-based cloud AI SDKs of the package catalogue (their traffic escapes "
+            "the socket checks). Set to {} to only record them."
+        ),
+    ).tag(config=True)
+
+    @default("refused_packages")
+    def _default_refused(self) -> dict[str, str]:
+        from .policy import default_refused_packages
+
+        return default_refused_packages()
+
+    @validate("egress_allowed_hosts")
+    def _check_egress_hosts(self, proposal: Any) -> list[str]:
+        try:
+            HostSet(proposal["value"])
+        except PolicyError as e:
+            raise TraitError(f"DUAGuard.egress_allowed_hosts: {e}") from None
+        return proposal["value"]

@@ -34,6 +34,7 @@ OUTPUT_FLAGGED = "output_flagged"
 REVIEW_SIGNED = "review_signed"
 GUARD_DEFAULTS_USED = "guard_defaults_used"
 DISCLOSURE_DECISION = "disclosure_decision"
+CSP_VIOLATION = "csp_violation"
 
 EVENT_KINDS: tuple[str, ...] = (
     KERNEL_STARTED,
@@ -46,6 +47,7 @@ EVENT_KINDS: tuple[str, ...] = (
     REVIEW_SIGNED,
     GUARD_DEFAULTS_USED,
     DISCLOSURE_DECISION,
+    CSP_VIOLATION,
 )
 
 #: The ``data`` fields each kind is expected to carry (documentation and schema source).
@@ -103,6 +105,12 @@ EVENT_FIELDS: dict[str, dict[str, str]] = {
         "command": "the JupyterLab command, for exports",
         "flagged_outputs": "how many unreviewed flagged outputs the notebook had",
         "user": "the Jupyter user who decided",
+    },
+    CSP_VIOLATION: {
+        "blocked_uri": "what the page tried to reach (query string removed)",
+        "host": "host of the blocked URI",
+        "directive": "the CSP directive that blocked it, e.g. connect-src",
+        "document_uri": "the Jupyter page that tried it (query string removed)",
     },
 }
 

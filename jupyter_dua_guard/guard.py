@@ -90,6 +90,10 @@ class AIEndpointBlocked(GuardError):
         self.provider = provider
 
 
+class PackageRefused(ImportError):
+    """Import of a package whose traffic escapes the socket checks (e.g. gRPC AI SDKs)."""
+
+
 class GuardTamperError(GuardError):
     """An attempt to switch the guard off from inside a guarded process."""
 
@@ -184,6 +188,7 @@ def install(
         {
             "AIEndpointBlocked": AIEndpointBlocked,
             "GuardTamperError": GuardTamperError,
+            "PackageRefused": PackageRefused,
             "network_symbols": _NETWORK_SYMBOLS,
             "admin_hint": ADMIN_HINT,
         },

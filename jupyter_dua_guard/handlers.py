@@ -36,6 +36,8 @@ class StatusHandler(ExtensionHandlerMixin, APIHandler):
                     "python": platform.python_version(),
                     "platform": sys.platform,
                     "ai_extensions": self.extensionapp.ai_extensions,
+                    "defence": self.extensionapp.defence,
+                    "ai_extensions_actions": self.extensionapp.ai_extension_report,
                 }
             )
         )

@@ -304,6 +304,7 @@ class Policy:
         "model_servers",
         "packages",
         "raw",
+        "refused",
     )
 
     def __init__(self, raw: Mapping[str, Any], defaults_reason: str | None = None) -> None:
@@ -324,6 +325,12 @@ class Policy:
         if not isinstance(packages, _Mapping):
             raise PolicyError("packages must map import names to {distributions, category}")
         self.packages = {str(k): _package_entry(k, v) for k, v in packages.items()}
+        refused = raw.get("refused_packages", None)
+        if refused is None:
+            refused = default_refused_packages()
+        if not isinstance(refused, _Mapping):
+            raise PolicyError("refused_packages must map import names to reasons")
+        self.refused = {str(k): str(v) for k, v in refused.items()}
         self.data_patterns = tuple(str(p) for p in raw.get("data_paths", ()))
         self.data_regex = compile_path_globs(self.data_patterns)
         self.model_artifact_patterns = tuple(
@@ -459,6 +466,20 @@ class NameGlobs:
         return any(wildcard_match(p, name) for p in self._others)
 
 
+def default_refused_packages() -> dict[str, str]:
+    """Catalogued packages marked ``"transport": "grpc"``: their traffic goes through
+    gRPC's compiled core, which the kernel's socket checks do not see."""
+    out = {}
+    for name, entry in load_package_catalogue().items():
+        if isinstance(entry, _Mapping) and entry.get("transport") == "grpc":
+            out[name] = (
+                f"{', '.join(entry.get('distributions', [name]))} talks to a cloud AI "
+                "service over gRPC, whose compiled network code escapes the kernel's socket "
+                "checks"
+            )
+    return out
+
+
 def builtin_policy_dict() -> dict[str, Any]:
     """The policy made of the built-in catalogues only (what a kernel uses on defaults)."""
     return build_policy()
@@ -474,6 +495,7 @@ def build_policy(
     mode: str = "block",
     model_artifact_patterns: Iterable[str] | None = None,
     base_dir: str | None = None,
+    refused_packages: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """A self-contained policy document: built-in catalogues plus the site's settings.
 
@@ -504,6 +526,9 @@ def build_policy(
         },
         "packages": pkgs,
         "data_paths": absolute,
+        "refused_packages": dict(
+            default_refused_packages() if refused_packages is None else refused_packages
+        ),
         "model_artifact_patterns": list(
             DEFAULT_MODEL_ARTIFACT_PATTERNS
             if model_artifact_patterns is None

@@ -70,6 +70,12 @@ def kernel_guard_env(
         env[ENV_LEDGER] = str(settings["ledger_url"])
     if notebook:
         env[ENV_NOTEBOOK] = notebook
+    proxy = settings.get("proxy")
+    if proxy and kernel_id:
+        from .proxy import proxy_env, proxy_url
+
+        secret = bytes.fromhex(proxy["secret"]) if proxy.get("secret") else None
+        env.update(proxy_env(proxy_url(proxy["host"], int(proxy["port"]), kernel_id, secret)))
     return {k: v for k, v in env.items() if v}
 
 
@@ -88,6 +94,47 @@ def with_output_check(cmd: list[str]) -> list[str]:
     return cmd
 
 
+def guard_kernelspecs(factory: Any, mode: str, log: Any) -> None:
+    """Make a kernelspec that names another provisioner start guarded, or refuse it.
+
+    ``mode`` is ``"guard"`` (use this provisioner anyway, with a warning) or ``"refuse"``.
+    """
+    factory._dua_guard_kernelspec_mode = mode  # the latest server's setting wins
+    if getattr(factory.create_provisioner_instance, "_dua_guard_wrapped", False):
+        return
+    original = factory.create_provisioner_instance
+
+    def create_provisioner_instance(kernel_id: str, kernel_spec: Any, parent: Any) -> Any:
+        metadata = dict(getattr(kernel_spec, "metadata", None) or {})
+        named = (metadata.get("kernel_provisioner") or {}).get("provisioner_name")
+        if named and named != PROVISIONER_NAME:
+            spec_name = getattr(kernel_spec, "display_name", "") or "this kernel"
+            if getattr(factory, "_dua_guard_kernelspec_mode", mode) == "refuse":
+                from tornado.web import HTTPError
+
+                # an HTTPError so that the kernels/sessions API shows the message to the user
+                raise HTTPError(
+                    403,
+                    f"jupyter-dua-guard: kernelspec {spec_name!r} asks for provisioner "
+                    f"{named!r}, which would run outside the DUA guard; it is refused "
+                    "(DUAGuard.kernelspec_provisioners='refuse'). Ask your administrator to "
+                    f"remove 'kernel_provisioner' from the kernelspec or use {PROVISIONER_NAME!r}.",
+                )
+            log.warning(
+                "jupyter-dua-guard: kernelspec %r names provisioner %r; starting it with %r "
+                "so that it is guarded.",
+                spec_name,
+                named,
+                PROVISIONER_NAME,
+            )
+            metadata["kernel_provisioner"] = {"provisioner_name": PROVISIONER_NAME}
+            kernel_spec.metadata = metadata
+        return original(kernel_id, kernel_spec, parent)
+
+    create_provisioner_instance._dua_guard_wrapped = True  # type: ignore[attr-defined]
+    factory.create_provisioner_instance = create_provisioner_instance
+
+
 class DUAGuardProvisioner(LocalProvisioner):  # type: ignore[misc]
     """Local kernels with the DUA guard's environment (see module docstring)."""
 
@@ -98,8 +145,14 @@ class DUAGuardProvisioner(LocalProvisioner):  # type: ignore[misc]
         notebook = notebook_path(env.get("JPY_SESSION_NAME"), settings.get("root_dir"))
         for name in (ENV_POLICY, ENV_NOTEBOOK):
             env.pop(name, None)  # never inherit another kernel's or the server's values
+        for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY"):
+            env.pop(name, None)
+            env.pop(name.lower(), None)
         env.update(kernel_guard_env(settings, self.kernel_id, notebook))
         kwargs["cmd"] = with_output_check(list(kwargs.get("cmd") or []))
+        register = settings.get("proxy_register")
+        if register is not None and self.kernel_id:
+            register(self.kernel_id, notebook)
         if not settings.get("policy_path"):
             self.log.warning(
                 "jupyter-dua-guard: no policy file for kernel %s; it runs on the built-in "

@@ -28,10 +28,29 @@ def fake_notebook_intelligence(jp_data_dir, tmp_path, monkeypatch):
     return lab
 
 
-async def test_active_ai_lab_extension_is_listed(fake_notebook_intelligence, jp_fetch):
+async def test_ai_lab_extension_is_listed_and_disabled_by_default(
+    fake_notebook_intelligence, jp_fetch
+):
     status = json.loads((await jp_fetch("dua-guard", "api", "status")).body)
     [found] = [e for e in status["ai_extensions"] if e["name"] == "Notebook Intelligence"]
     assert found["distributions"] == ["notebook-intelligence"]
+    assert found["active_lab_extensions"] == []
+    assert found["disabled"] is True
+    assert found["action"] == "disabled"
+
+
+@pytest.mark.parametrize(
+    "jp_server_config",
+    [
+        {
+            "ServerApp": {"jpserver_extensions": {"jupyter_dua_guard": True}},
+            "DUAGuard": {"allow_ai_extensions": ["Notebook Intelligence"]},
+        }
+    ],
+)
+async def test_approved_ai_lab_extension_stays_active(fake_notebook_intelligence, jp_fetch):
+    status = json.loads((await jp_fetch("dua-guard", "api", "status")).body)
+    [found] = [e for e in status["ai_extensions"] if e["name"] == "Notebook Intelligence"]
     assert found["active_lab_extensions"] == ["@notebook-intelligence/notebook-intelligence"]
     assert found["disabled"] is False
 

@@ -208,22 +208,21 @@ def test_a_stuck_ledger_delays_but_never_hangs(tmp_path) -> None:
 
 
 def test_dotted_catalogue_names(tmp_path) -> None:
-    """``google.generativeai`` lives in the shared ``google`` namespace: only that
-    sub-package is recorded, with its distribution's version."""
+    """``google.genai`` lives in the shared ``google`` namespace: only that sub-package
+    is recorded, with its distribution's version. (The older gRPC-based
+    ``google.generativeai`` is refused at import by default.)"""
     site = tmp_path / "site"
-    (site / "google" / "generativeai").mkdir(parents=True)
-    (site / "google" / "generativeai" / "__init__.py").write_text("")
+    (site / "google" / "genai").mkdir(parents=True)
+    (site / "google" / "genai" / "__init__.py").write_text("")
     (site / "google" / "protobuf_like").mkdir()
     (site / "google" / "protobuf_like" / "__init__.py").write_text("")
-    info = site / "google_generativeai-0.8.3.dist-info"
+    info = site / "google_genai-0.8.3.dist-info"
     info.mkdir()
-    (info / "METADATA").write_text(
-        "Metadata-Version: 2.1\nName: google-generativeai\nVersion: 0.8.3\n"
-    )
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: google-genai\nVersion: 0.8.3\n")
     url = f"sqlite:///{tmp_path}/ledger.sqlite"
     code = (
         f"import sys\nsys.path.insert(0, {str(site)!r})\n"
-        "import google.protobuf_like\nimport google.generativeai\n"
+        "import google.protobuf_like\nimport google.genai\n"
     )
     proc = run_python(
         code,
@@ -236,5 +235,5 @@ def test_dotted_catalogue_names(tmp_path) -> None:
     imports = [r["data"] for r in ledger.records() if r["kind"] == "ai_ml_import"]
     ledger.close()
     assert [(d["name"], d["distribution"], d["version"]) for d in imports] == [
-        ("google.generativeai", "google-generativeai", "0.8.3")
+        ("google.genai", "google-genai", "0.8.3")
     ]
