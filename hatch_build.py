@@ -1,7 +1,9 @@
-"""Hatch build hook: compile the optional C audit hook (``jupyter_dua_guard/_audit_fast.c``).
+"""Hatch build hook: compile the optional C accelerators in ``jupyter_dua_guard/``.
 
-Without a working C compiler (or with ``JUPYTER_DUA_GUARD_NO_C=1``) the build goes on as a
-pure-Python wheel and the guard uses its Python audit hook instead.
+``_audit_fast.c`` is the kernel guard's audit hook; ``_chain_fast.c`` walks a SQLite ledger's
+hash chain (it links the system's libsqlite3 and libcrypto, which Python's own sqlite3 and
+hashlib use). Each one that fails to build (no compiler, no headers, or
+``JUPYTER_DUA_GUARD_NO_C=1``) is left out and its pure-Python equivalent is used instead.
 """
 
 from __future__ import annotations
@@ -14,9 +16,15 @@ from typing import Any
 
 from hatchling.builders.hooks.plugin.interface import BuildHookInterface
 
+# module name -> (extra linker arguments, what is used without it)
+EXTENSIONS = {
+    "_audit_fast": ([], "the pure-Python audit hook"),
+    "_chain_fast": (["-lsqlite3", "-lcrypto"], "the Python chain walk"),
+}
+
 
 class AuditFastBuildHook(BuildHookInterface):
-    """Build ``_audit_fast`` in place; mark the wheel platform-specific when it worked."""
+    """Build the C modules in place; mark the wheel platform-specific when one worked."""
 
     PLUGIN_NAME = "custom"
 
@@ -24,23 +32,23 @@ class AuditFastBuildHook(BuildHookInterface):
         if self.target_name != "wheel" or os.environ.get("JUPYTER_DUA_GUARD_NO_C"):
             return
         package = os.path.join(self.root, "jupyter_dua_guard")
-        source = os.path.join(package, "_audit_fast.c")
         suffix = sysconfig.get_config_var("EXT_SUFFIX") or ".so"
-        target = os.path.join(package, "_audit_fast" + suffix)
-        error = self._compile(source, target)
-        if error:
-            self.app.display_warning(
-                f"jupyter-dua-guard: C audit hook not built ({error}); "
-                "the pure-Python hook will be used."
-            )
-            return
-        if version != "editable":
-            build_data["force_include"][target] = f"jupyter_dua_guard/_audit_fast{suffix}"
-            build_data["pure_python"] = False
-            build_data["infer_tag"] = True
+        for name, (libs, fallback) in EXTENSIONS.items():
+            target = os.path.join(package, name + suffix)
+            error = self._compile(os.path.join(package, name + ".c"), target, libs)
+            if error:
+                self.app.display_warning(
+                    f"jupyter-dua-guard: C module {name} not built ({error}); {fallback} "
+                    "will be used."
+                )
+                continue
+            if version != "editable":
+                build_data["force_include"][target] = f"jupyter_dua_guard/{name}{suffix}"
+                build_data["pure_python"] = False
+                build_data["infer_tag"] = True
 
     @staticmethod
-    def _compile(source: str, target: str) -> str | None:
+    def _compile(source: str, target: str, libs: list[str]) -> str | None:
         if os.name == "nt":
             return "no MSVC build recipe"
         ldshared = sysconfig.get_config_var("LDSHARED") or "cc -shared"
@@ -52,6 +60,7 @@ class AuditFastBuildHook(BuildHookInterface):
             source,
             "-o",
             target,
+            *libs,
         ]
         try:
             result = subprocess.run(cmd, capture_output=True, text=True, timeout=120)

@@ -32,6 +32,11 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 from . import events
 
+try:  # optional C walk of the chain, built with the wheel where a compiler was found
+    from . import _chain_fast  # type: ignore[attr-defined]
+except ImportError:
+    _chain_fast = None
+
 try:  # POSIX: serialise writers in the kernel instead of SQLite's sleeping busy handler.
     import fcntl
 except ImportError:  # pragma: no cover - Windows
@@ -960,7 +965,7 @@ class SQLiteLedger(Ledger):
         finally:
             conn.execute("COMMIT")
         head = (int(row[0]), str(row[1])) if row else (0, GENESIS)
-        if workers > 1 and head[0] >= PARALLEL_MIN:
+        if _chain_fast is not None or (workers > 1 and head[0] >= PARALLEL_MIN):
             return self._verify_parallel(conn, pin, pin_text, total, head, workers)
         chunks: queue.Queue = queue.Queue(maxsize=2)
         stop = threading.Event()
@@ -1013,20 +1018,28 @@ class SQLiteLedger(Ledger):
         head: tuple[int, str],
         workers: int,
     ) -> VerifyResult:
-        """Split the chain into contiguous ranges checked by worker processes.
+        """Split the chain into contiguous ranges checked side by side.
 
         Each range starts from the stored hash of the record before it, which the previous
-        range checks, so every link is still verified once.
+        range checks, so every link is still verified once. The C walk releases the GIL and
+        runs in threads; the Python walk needs worker processes.
         """
         import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
+        from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 
+        if head[0] < PARALLEL_MIN:
+            workers = 1
         bounds = [head[0] * i // workers for i in range(workers + 1)]
-        ctx = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+        pool: Executor
+        if _chain_fast is not None:
+            scan, pool = _scan_range_fast, ThreadPoolExecutor(max_workers=workers)
+        else:
+            ctx = multiprocessing.get_context("spawn")
+            scan, pool = _scan_range, ProcessPoolExecutor(max_workers=workers, mp_context=ctx)
+        with pool:
             results = list(
                 pool.map(
-                    _scan_range,
+                    scan,
                     [str(self.path)] * workers,
                     [self.timeout] * workers,
                     bounds[:-1],
@@ -1155,16 +1168,19 @@ PARALLEL_MIN = 200_000
 
 _CHUNK_SQL = (
     "SELECT group_concat(m, char(30)), group_concat(hash, ''), group_concat(prev, ''), "
-    "count(*), min(seq), max(seq) FROM (SELECT prev || char(10) || body AS m, hash, prev, "
-    "seq FROM ledger_records WHERE seq > ? AND seq <= ? ORDER BY seq LIMIT ?)"
+    "count(*), min(seq), max(seq), total(odd) FROM (SELECT prev || char(10) || body AS m, "
+    "hash, prev, seq, typeof(prev) != 'text' OR typeof(hash) != 'text' "
+    "OR typeof(body) != 'text' AS odd "
+    "FROM ledger_records WHERE seq > ? AND seq <= ? ORDER BY seq LIMIT ?)"
 )
 
 
 def _chunk_ok(item: tuple, last_seq: int, last_hash: str) -> bool:
     """Does a chunk of records (see ``_CHUNK_SQL``) continue the chain after ``last_seq``?"""
-    messages, hashes, prevs, n, lo, hi = item
+    messages, hashes, prevs, n, lo, hi, odd = item
     if not (
-        lo == last_seq + 1
+        not odd
+        and lo == last_seq + 1
         and hi == lo + n - 1
         and len(hashes) == 64 * n
         and prevs == last_hash + hashes[:-64]
@@ -1182,13 +1198,9 @@ def _scan_range(path: str, timeout: float, after: int, top: int) -> tuple[bool, 
     """
     conn = sqlite3.connect(path, timeout=timeout, isolation_level=None)
     try:
-        if after == 0:
-            last_hash = GENESIS
-        else:
-            row = conn.execute("SELECT hash FROM ledger_records WHERE seq = ?", (after,)).fetchone()
-            if row is None:
-                return False, after, ""
-            last_hash = row[0]
+        last_hash = _start_hash(conn, after)
+        if last_hash is None:
+            return False, after, ""
         last_seq = after
         while last_seq < top:
             item = conn.execute(_CHUNK_SQL, (last_seq, top, SQLiteLedger.CHUNK)).fetchone()
@@ -1198,6 +1210,28 @@ def _scan_range(path: str, timeout: float, after: int, top: int) -> tuple[bool, 
         return True, last_seq, last_hash
     finally:
         conn.close()
+
+
+def _start_hash(conn: sqlite3.Connection, after: int) -> str | None:
+    """The stored hash a range after ``after`` links to (``None``: that record is gone)."""
+    if after == 0:
+        return GENESIS
+    row = conn.execute("SELECT hash FROM ledger_records WHERE seq = ?", (after,)).fetchone()
+    if row is None or not isinstance(row[0], str) or len(row[0]) != 64:
+        return None
+    return row[0]
+
+
+def _scan_range_fast(path: str, timeout: float, after: int, top: int) -> tuple[bool, int, str]:
+    """``_scan_range`` through the C walk (same answers, a fraction of the time)."""
+    conn = sqlite3.connect(path, timeout=timeout, isolation_level=None)
+    try:
+        start = _start_hash(conn, after)
+    finally:
+        conn.close()
+    if start is None:
+        return False, after, ""
+    return _chain_fast.scan(path, after, top, start, int(timeout * 1000))
 
 
 # --------------------------------------------------------------------------- opening

@@ -159,8 +159,20 @@ def test_forked_child_writes_through_its_own_connection(tmp_path):
 # --------------------------------------------------------------------------- tampering
 
 
+@pytest.fixture(params=["c-walk", "python-walk"])
+def walk(request, monkeypatch):
+    """Run a test with the C chain walk and again with the pure-Python one."""
+    from jupyter_dua_guard import ledger as ledger_module
+
+    if request.param == "python-walk":
+        monkeypatch.setattr(ledger_module, "_chain_fast", None)
+    elif ledger_module._chain_fast is None:
+        pytest.skip("the C chain walk was not built (no compiler or JUPYTER_DUA_GUARD_NO_C)")
+    return request.param
+
+
 @pytest.fixture
-def tampered(tmp_path):
+def tampered(tmp_path, walk):
     path = tmp_path / "ledger.sqlite"
     records = make_ledger(path, 20)
     conn = db(path)
@@ -395,7 +407,7 @@ def test_reader_does_not_create_missing_ledger(tmp_path):
 
 
 @pytest.mark.parametrize("seq", [3, 11, 19])
-def test_parallel_verification_names_the_same_record(tmp_path, monkeypatch, seq):
+def test_parallel_verification_names_the_same_record(tmp_path, monkeypatch, walk, seq):
     from jupyter_dua_guard import ledger as ledger_module
 
     monkeypatch.setattr(ledger_module, "PARALLEL_MIN", 1)
@@ -410,3 +422,45 @@ def test_parallel_verification_names_the_same_record(tmp_path, monkeypatch, seq)
         serial, parallel = ledger.verify(), ledger.verify(workers=3)
     assert not parallel.ok and parallel.bad_seq == serial.bad_seq == seq
     assert parallel.problem == serial.problem
+
+
+@pytest.mark.parametrize("trial", range(12))
+def test_c_and_python_walks_agree_on_random_tampering(tmp_path, monkeypatch, trial):
+    """Whatever is done to a ledger, both walks give the same verdict and name the same record."""
+    import random
+
+    from jupyter_dua_guard import ledger as ledger_module
+
+    if ledger_module._chain_fast is None:
+        pytest.skip("the C chain walk was not built")
+    monkeypatch.setattr(ledger_module, "PARALLEL_MIN", 1)
+    rng = random.Random(trial)
+    path = tmp_path / "ledger.sqlite"
+    make_ledger(path, 30)
+    conn = db(path)
+    seq = rng.randint(1, 30)
+    action = trial % 6
+    if action == 0:
+        conn.execute("UPDATE ledger_records SET body = replace(body, 'x', 'y') WHERE seq = ?", (seq,))
+    elif action == 1:
+        conn.execute("UPDATE ledger_records SET hash = upper(hash) WHERE seq = ?", (seq,))
+    elif action == 2:
+        conn.execute("DELETE FROM ledger_records WHERE seq = ?", (seq,))
+    elif action == 3:
+        conn.execute("UPDATE ledger_records SET prev = ? WHERE seq = ?", ("f" * 64, seq))
+    elif action == 4:
+        conn.execute("UPDATE ledger_records SET body = CAST(body AS BLOB) WHERE seq = ?", (seq,))
+    else:
+        other = seq % 30 + 1
+        conn.execute("UPDATE ledger_records SET seq = -1 WHERE seq = ?", (seq,))
+        conn.execute("UPDATE ledger_records SET seq = ? WHERE seq = ?", (seq, other))
+        conn.execute("UPDATE ledger_records SET seq = ? WHERE seq = -1", (other,))
+    conn.close()
+    results = {}
+    for name, walker in (("c", ledger_module._chain_fast), ("python", None)):
+        monkeypatch.setattr(ledger_module, "_chain_fast", walker)
+        for workers in (1, 3):
+            with open_ledger(f"sqlite:///{path}", create=False) as ledger:
+                r = ledger.verify(workers=workers)
+            results[name, workers] = (r.ok, r.records, r.bad_seq, r.problem)
+    assert len(set(results.values())) == 1, results
