@@ -441,7 +441,9 @@ def test_c_and_python_walks_agree_on_random_tampering(tmp_path, monkeypatch, tri
     seq = rng.randint(1, 30)
     action = trial % 6
     if action == 0:
-        conn.execute("UPDATE ledger_records SET body = replace(body, 'x', 'y') WHERE seq = ?", (seq,))
+        conn.execute(
+            "UPDATE ledger_records SET body = replace(body, 'x', 'y') WHERE seq = ?", (seq,)
+        )
     elif action == 1:
         conn.execute("UPDATE ledger_records SET hash = upper(hash) WHERE seq = ?", (seq,))
     elif action == 2:
