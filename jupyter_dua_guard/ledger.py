@@ -828,8 +828,17 @@ class SQLiteLedger(Ledger):
         host: str | None = None,
     ) -> dict[str, Any]:
         where, params = self._where(since, until, None, None, user, host)
-        and_where = where.replace("WHERE ", "AND ", 1)
+        # Every section reads up to one head seq (the ledger is append-only, so that is one
+        # consistent view) and runs on its own connection: SQLite releases the GIL, so the
+        # three grouped passes share the cores with each other and with verification.
+        top = self.head()[0]
+        where = (where + " AND" if where else "WHERE") + " seq <= ?"
+        params = [*params, top]
         cols = ", ".join(_AGG_COLUMNS)
+        sets = (
+            "group_concat(DISTINCT json_quote(kernel)), "
+            "group_concat(DISTINCT json_quote(notebook)) FROM ledger_records"
+        )
         queries = {
             # streams along the report index: no sort, one row per group
             "groups": (
@@ -837,30 +846,34 @@ class SQLiteLedger(Ledger):
                 f"GROUP BY {cols}"
             ),
             # kernels and notebooks per tool / per egress rule / per file, as JSON lists
-            "distinct": (
-                "SELECT kind, subject, NULL, NULL, group_concat(DISTINCT json_quote(kernel)), "
-                "group_concat(DISTINCT json_quote(notebook)) FROM ledger_records "
-                f"WHERE kind IN ('ai_ml_import', 'kernel_started') {and_where} "
-                "GROUP BY kind, subject "
-                "UNION ALL SELECT kind, subject, detail, extra, "
-                "group_concat(DISTINCT json_quote(kernel)), "
-                "group_concat(DISTINCT json_quote(notebook)) FROM ledger_records WHERE kind IN "
+            "tools": (
+                f"SELECT kind, subject, NULL, NULL, {sets} {where} AND kind IN "
+                "('ai_ml_import', 'kernel_started') GROUP BY kind, subject"
+            ),
+            "others": (
+                f"SELECT kind, subject, detail, extra, {sets} {where} AND kind IN "
                 "('egress_blocked', 'egress_allowed_ai', 'output_flagged', 'data_read', "
-                f"'model_artifact_written', 'review_signed', 'guard_defaults_used') {and_where} "
+                "'model_artifact_written', 'review_signed', 'guard_defaults_used') "
                 "GROUP BY kind, subject, detail, extra"
             ),
         }
-        args = {k: params * (2 if k == "distinct" else 1) for k in queries}
-        with self._lock:
+
+        def run(sql: str) -> list[tuple]:
+            conn = self._reader()
             try:
-                conn = self._conn
-                conn.execute("BEGIN")  # one snapshot for every section
-                try:
-                    rows = {k: conn.execute(q, args[k]).fetchall() for k, q in queries.items()}
-                finally:
-                    conn.execute("COMMIT")
-            except sqlite3.Error as exc:
-                raise self._fail(exc, "read") from None
+                return conn.execute(sql, params).fetchall()
+            finally:
+                conn.close()
+
+        from concurrent.futures import ThreadPoolExecutor
+
+        try:
+            with ThreadPoolExecutor(max_workers=len(queries)) as pool:
+                futures = {k: pool.submit(run, q) for k, q in queries.items()}
+                rows = {k: f.result() for k, f in futures.items()}
+        except sqlite3.Error as exc:
+            raise self._fail(exc, "read") from None
+        rows["distinct"] = rows["tools"] + rows["others"]
 
         def values(text: str | None) -> set[str]:
             return {v for v in json.loads(f"[{text}]") if v} if text else set()
