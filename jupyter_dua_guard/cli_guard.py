@@ -14,7 +14,7 @@ from traitlets import Bool, TraitError
 
 from ._version import __version__
 from .config import DUAGuard
-from .policy import Decision, Policy, PolicyError, build_policy
+from .policy import Decision, PolicyError
 
 _OUTCOME = {
     Decision.BLOCK: "blocked",
@@ -46,14 +46,7 @@ class CheckHostApp(JupyterApp):
             self.exit(2)
         try:
             g = DUAGuard(parent=self)
-            policy = Policy(
-                build_policy(
-                    blocked_hosts=g.blocked_hosts,
-                    allowed_hosts=g.allowed_hosts,
-                    model_servers=g.model_servers,
-                    mode=g.mode,
-                )
-            )
+            policy = g.egress_policy()
         except (PolicyError, TraitError) as e:
             print(f"jupyter dua-guard check-host: error: {e}", file=sys.stderr)
             self.exit(2)

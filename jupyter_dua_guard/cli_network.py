@@ -19,7 +19,7 @@ from traitlets import Bool, Enum, Int, Unicode
 
 from ._version import __version__
 from .config import DUAGuard
-from .policy import Policy, PolicyError, build_policy, load_endpoint_catalogue
+from .policy import PolicyError, load_endpoint_catalogue
 
 FORMATS = ("hosts", "dnsmasq", "unbound", "rpz", "squid", "nftables", "cilium")
 STALE_WARNING = (
@@ -228,14 +228,7 @@ class ProxyApp(JupyterApp):
 
         g = DUAGuard(parent=self)
         try:
-            policy = Policy(
-                build_policy(
-                    blocked_hosts=g.blocked_hosts,
-                    allowed_hosts=g.allowed_hosts,
-                    model_servers=g.model_servers,
-                    mode=g.mode,
-                )
-            )
+            policy = g.egress_policy()
         except PolicyError as e:
             print(f"jupyter dua-guard proxy: error: {e}", file=sys.stderr)
             self.exit(2)

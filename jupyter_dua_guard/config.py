@@ -12,7 +12,7 @@ from typing import Any
 from traitlets import Bool, Dict, Enum, Int, List, TraitError, Unicode, default, validate
 from traitlets.config import Configurable
 
-from .policy import DEFAULT_MODEL_ARTIFACT_PATTERNS, HostSet, PolicyError
+from .policy import DEFAULT_MODEL_ARTIFACT_PATTERNS, HostSet, Policy, PolicyError, build_policy
 
 
 class SettingsError(ValueError):
@@ -120,6 +120,17 @@ class DUAGuard(Configurable):
                 "jupyter_server_config.py/json or on the command line "
                 "(`jupyter dua-guard --help-all` lists every setting)."
             ) from None
+
+    def egress_policy(self) -> Policy:
+        """The host rules these settings give (for command-line tools that check hosts)."""
+        return Policy(
+            build_policy(
+                blocked_hosts=self.blocked_hosts,
+                allowed_hosts=self.allowed_hosts,
+                model_servers=self.model_servers,
+                mode=self.mode,
+            )
+        )
 
     mode = Enum(
         ["block", "record"],

@@ -8,12 +8,12 @@ kernels import this module.
 
 from __future__ import annotations
 
-import datetime as _dt
 import functools
 import getpass
 import os
 import platform
 import socket
+import time as _time
 from pathlib import Path
 from typing import Any
 
@@ -131,9 +131,21 @@ SCHEMA_PATH = Path(__file__).parent / "data" / "ledger-event.schema.json"
 SCHEMA_ID = "https://jupyter-dua-guard.readthedocs.io/schemas/ledger-event/v1"
 
 
+_second: tuple[int, str] = (-1, "")  # the last whole second, formatted; reused within it
+
+
 def utc_now() -> str:
-    """The current UTC time as the ledger writes it (sortable as text)."""
-    return _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    """The current UTC time as the ledger writes it (sortable as text).
+
+    Formats the whole second once per second: every append calls this.
+    """
+    global _second
+    now = _time.time()
+    whole = int(now)
+    second = _second
+    if second[0] != whole:
+        second = _second = (whole, _time.strftime("%Y-%m-%dT%H:%M:%S", _time.gmtime(whole)))
+    return f"{second[1]}.{min(int((now - whole) * 1e6), 999_999):06d}Z"
 
 
 @functools.lru_cache(maxsize=1)

@@ -84,6 +84,21 @@ def canonical_json(value: Any) -> str:
         raise LedgerError(f"event is not JSON-serialisable ({exc}): pass plain values") from None
 
 
+_context_cache: tuple[tuple, str] = ((), "")
+
+
+def _own_context_json() -> str:
+    """Canonical JSON of this process's context without the time, kept while it holds."""
+    global _context_cache
+    key = (os.getpid(), os.environ.get(events.ENV_KERNEL_ID), os.environ.get(events.ENV_NOTEBOOK))
+    cached = _context_cache
+    if cached[0] != key:
+        ctx = events.current_context()
+        del ctx["time"]
+        cached = _context_cache = (key, canonical_json(ctx))
+    return cached[1]
+
+
 def record_hash(prev: str, body: str) -> str:
     """SHA-256 of a record's canonical JSON together with the previous record's hash."""
     return hashlib.sha256(f"{prev}\n{body}".encode()).hexdigest()
@@ -255,14 +270,17 @@ class Ledger(abc.ABC):
             )
         if not isinstance(data, Mapping):
             raise LedgerError(f"event data for {kind} must be a mapping, not {type(data).__name__}")
+        # Serialise before taking the write lock: sorted keys put context, data, kind first,
+        # so only ',"seq":N,"time":"..."}' is left to add once the sequence number is known.
+        if not context:  # the usual case: this process's own context, serialised once
+            data_json = canonical_json(dict(data))
+            head = f'{{"context":{_own_context_json()},"data":{data_json},"kind":"{kind}"'
+            return {"head": head, "time": events.utc_now()}
         ctx = events.current_context()
-        if context:
-            ctx.update(context)
+        ctx.update(context)
         time = ctx.pop("time", None)
         if not (isinstance(time, str) and _CANON_TIME.fullmatch(time)):
             time = parse_time(time) or events.utc_now()
-        # Serialise before taking the write lock: sorted keys put context, data, kind first,
-        # so only ',"seq":N,"time":"..."}' is left to add once the sequence number is known.
         head = canonical_json({"context": ctx, "data": dict(data), "kind": kind})[:-1]
         return {"head": head, "time": time}
 
@@ -438,6 +456,11 @@ _SCHEMA = [
     "(kind, subject, detail, extra, host, platform, user, kernel, notebook, time)",
 ]
 
+# WAL pages between checkpoints. The writer that crosses it checkpoints inside its commit,
+# while the others wait; appends rewrite the same few tail pages, so a longer WAL folds many
+# commits into one write of each page.
+_WAL_AUTOCHECKPOINT = 1000
+
 _RARE = 20_000  # below this many matches, a kind filter reads through the index
 
 _AGG_COLUMNS = ("kind", "subject", "detail", "extra", "host", "platform", "user")
@@ -571,6 +594,7 @@ class SQLiteLedger(Ledger):
             if mode.lower() != "wal":
                 conn.execute("PRAGMA journal_mode = WAL")
             conn.execute(f"PRAGMA synchronous = {self.synchronous}")
+            conn.execute(f"PRAGMA wal_autocheckpoint = {_WAL_AUTOCHECKPOINT}")
         except LedgerError:
             conn.close()
             raise
