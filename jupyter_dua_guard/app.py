@@ -298,6 +298,15 @@ class DUAGuardExtension(ExtensionApp):
                 self._ledger = open_ledger(self.guard.ledger_url)
             return self._ledger
 
+    async def record(
+        self, kind: str, data: dict[str, Any], context: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
+        """Append one event without blocking the server's event loop (raises ``LedgerError``)."""
+        ledger = self.ledger()
+        return await asyncio.get_running_loop().run_in_executor(
+            None, ledger.append, kind, data, context
+        )
+
     async def stop_extension(self) -> None:
         if self.proxy is not None:
             self.proxy.stop()
@@ -357,10 +366,7 @@ class DUAGuardExtension(ExtensionApp):
         data = {"kernel_id": kernel_id, "kernel_name": kernel_name, "notebook": notebook}
         context = {"kernel_id": kernel_id, "notebook": notebook}
         try:
-            ledger = self.ledger()
-            record = await asyncio.get_running_loop().run_in_executor(
-                None, ledger.append, KERNEL_STARTED, data, context
-            )
+            record = await self.record(KERNEL_STARTED, data, context)
         except LedgerError as exc:
             self.log.error("jupyter-dua-guard: could not record kernel %s: %s", kernel_id, exc)
             return

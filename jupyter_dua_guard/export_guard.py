@@ -67,10 +67,7 @@ class GuardedNbconvertHandler(NbconvertFileHandler):
             "user": getattr(user, "username", None),
         }
         try:
-            ledger = self.extension.ledger()
-            await asyncio.get_running_loop().run_in_executor(
-                None, ledger.append, DISCLOSURE_DECISION, data, {"notebook": path}
-            )
+            await self.extension.record(DISCLOSURE_DECISION, data, {"notebook": path})
         except LedgerError as exc:
             raise web.HTTPError(503, "the export could not be recorded: %s", str(exc)) from None
 

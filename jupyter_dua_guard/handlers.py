@@ -142,10 +142,7 @@ class _LedgerWriter(ExtensionHandlerMixin, APIHandler):
 
     async def record(self, kind: str, data: dict[str, Any], notebook: str | None) -> dict:
         try:
-            ledger = self.extensionapp.ledger()
-            return await asyncio.get_running_loop().run_in_executor(
-                None, ledger.append, kind, data, {"notebook": notebook}
-            )
+            return await self.extensionapp.record(kind, data, {"notebook": notebook})
         except LedgerError as exc:
             raise tornado.web.HTTPError(503, "%s", str(exc)) from None
 
