@@ -12,6 +12,13 @@ def ledger_url(tmp_path):
 
 
 @pytest.fixture
+def ledger_in_env(ledger_url, monkeypatch):
+    """Put ``ledger_url`` where processes started by a test (kernels, tools) look for it."""
+    monkeypatch.setenv("JUPYTER_DUA_GUARD_LEDGER", ledger_url)
+    return ledger_url
+
+
+@pytest.fixture
 def jp_server_config(ledger_url):
     """Load the extension the way an installed copy is loaded: through jpserver_extensions,
     writing its ledger to the test's own file rather than the user's data dir."""

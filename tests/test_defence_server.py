@@ -18,11 +18,7 @@ from jupyter_dua_guard.ledger import open_ledger
 NOTEBOOK = "study/egress.ipynb"
 
 
-@pytest.fixture
-def ledger_url(tmp_path, monkeypatch) -> str:
-    url = f"sqlite:///{tmp_path}/ledger/ledger.sqlite"
-    monkeypatch.setenv("JUPYTER_DUA_GUARD_LEDGER", url)
-    return url
+pytestmark = pytest.mark.usefixtures("ledger_in_env")
 
 
 @pytest.fixture

@@ -25,11 +25,7 @@ AI_HOSTS = [
 ]
 
 
-@pytest.fixture
-def ledger_url(tmp_path, monkeypatch) -> str:
-    url = f"sqlite:///{tmp_path}/ledger/ledger.sqlite"
-    monkeypatch.setenv("JUPYTER_DUA_GUARD_LEDGER", url)
-    return url
+pytestmark = pytest.mark.usefixtures("ledger_in_env")
 
 
 @pytest.fixture
