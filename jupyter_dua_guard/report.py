@@ -95,12 +95,14 @@ def build_report(
     whole chain.
     """
     who = {"user": user or None, "host": host or None}
-    # The chain check reads every record: run it beside the aggregation (SQLite releases
-    # the GIL), which roughly halves the wall time of a report on two cores.
-    with ThreadPoolExecutor(max_workers=1) as pool:
+    # The chain check reads every record: run it beside the aggregation and the listings
+    # (the database and the C walk release the GIL), so that they share the cores.
+    with ThreadPoolExecutor(max_workers=2) as pool:
         pending = pool.submit(ledger.verify, head, workers=workers)
         try:
-            result = _assemble(ledger, since, until, ledger.aggregate(since, until, **who), who)
+            listed = pool.submit(_listings, ledger, since, until, who)
+            usage = ledger.aggregate(since, until, **who)
+            result = _assemble(ledger, since, until, usage, who, listed.result())
         finally:
             verification = pending.result()
     result["head"] = verification.head
@@ -108,8 +110,28 @@ def build_report(
     return result
 
 
+def _listings(ledger: Ledger, since: Any, until: Any, who: dict[str, Any]) -> dict[str, Any]:
+    """The sections that list records one by one rather than aggregate them."""
+    return {
+        "model_artifacts": model_artifacts(ledger, since, until, **who),
+        "reviews": [
+            {"time": r["time"], "record": r["seq"], "user": r["context"].get("user"), **r["data"]}
+            for r in ledger.records(since, until, kinds=[events.REVIEW_SIGNED], **who)
+        ],
+        "guard_defaults_used": [
+            {"time": r["time"], "record": r["seq"], **r["data"]}
+            for r in ledger.records(since, until, kinds=[events.GUARD_DEFAULTS_USED], **who)
+        ],
+    }
+
+
 def _assemble(
-    ledger: Ledger, since: Any, until: Any, usage: dict[str, Any], who: dict[str, Any]
+    ledger: Ledger,
+    since: Any,
+    until: Any,
+    usage: dict[str, Any],
+    who: dict[str, Any],
+    listed: dict[str, Any],
 ) -> dict[str, Any]:
     tools: dict[str, dict[str, Any]] = {}
     locations: dict[tuple, dict[str, Any]] = {}
@@ -205,14 +227,6 @@ def _assemble(
                 out[key] = value
         return out
 
-    reviews = [
-        {"time": r["time"], "record": r["seq"], "user": r["context"].get("user"), **r["data"]}
-        for r in ledger.records(since, until, kinds=[events.REVIEW_SIGNED], **who)
-    ]
-    defaults = [
-        {"time": r["time"], "record": r["seq"], **r["data"]}
-        for r in ledger.records(since, until, kinds=[events.GUARD_DEFAULTS_USED], **who)
-    ]
     return {
         "title": "Records of AI/ML tools used with the Data (NCCR/SEER DUA sec. 22)",
         "generated": events.utc_now(),
@@ -235,11 +249,11 @@ def _assemble(
         "egress_allowed_ai": [
             finish_sets(v) for _, v in sorted(egress[events.EGRESS_ALLOWED_AI].items(), key=str)
         ],
-        "model_artifacts": model_artifacts(ledger, since, until, **who),
+        "model_artifacts": listed["model_artifacts"],
         "outputs_flagged": [finish_sets(v) for _, v in sorted(flagged.items())],
-        "reviews": reviews,
+        "reviews": listed["reviews"],
         "data_read": [finish_sets(v) for _, v in sorted(data_read.items())],
-        "guard_defaults_used": defaults,
+        "guard_defaults_used": listed["guard_defaults_used"],
     }
 
 
