@@ -889,34 +889,40 @@ class SQLiteLedger(Ledger):
             finally:
                 conn.close()
 
-        from concurrent.futures import ThreadPoolExecutor
-
-        try:
-            with ThreadPoolExecutor(max_workers=len(queries)) as pool:
-                futures = {k: pool.submit(run, q) for k, q in queries.items()}
-                rows = {k: f.result() for k, f in futures.items()}
-        except sqlite3.Error as exc:
-            raise self._fail(exc, "read") from None
-        rows["distinct"] = rows["tools"] + rows["others"]
-
         def values(text: str | None) -> set[str]:
-            return {v for v in json.loads(f"[{text}]") if v} if text else set()
+            found = set(json.loads(f"[{text}]")) if text else set()
+            found.discard(None)
+            found.discard("")
+            return found
+
+        from concurrent.futures import ThreadPoolExecutor, as_completed
 
         distinct = []
         kernels: set[str] = set()
         started: set[str] = set()
         notebooks: set[str] = set()
-        for kind, subject, detail, extra, kernel_list, notebook_list in rows["distinct"]:
-            ks, ns = values(kernel_list), values(notebook_list)
-            notebooks |= ns
-            if kind in ("ai_ml_import", "kernel_started"):
-                kernels |= ks
-            if kind == "kernel_started":
-                started |= ks
-            distinct.append(
-                {"kind": kind, "subject": subject, "detail": detail, "extra": extra,
-                 "kernels": len(ks), "notebooks": len(ns)}
-            )  # fmt: skip
+        rows: dict[str, list[tuple]] = {}
+        try:
+            with ThreadPoolExecutor(max_workers=len(queries)) as pool:
+                futures = {pool.submit(run, q): k for k, q in queries.items()}
+                for done in as_completed(futures):  # sets are merged while the rest run
+                    key = futures[done]
+                    rows[key] = done.result()
+                    if key == "groups":
+                        continue
+                    for kind, subject, detail, extra, kernel_list, notebook_list in rows[key]:
+                        ks, ns = values(kernel_list), values(notebook_list)
+                        notebooks |= ns
+                        if kind in ("ai_ml_import", "kernel_started"):
+                            kernels |= ks
+                        if kind == "kernel_started":
+                            started |= ks
+                        distinct.append(
+                            {"kind": kind, "subject": subject, "detail": detail,
+                             "extra": extra, "kernels": len(ks), "notebooks": len(ns)}
+                        )  # fmt: skip
+        except sqlite3.Error as exc:
+            raise self._fail(exc, "read") from None
         n = len(_AGG_COLUMNS)
         return {
             "groups": [
