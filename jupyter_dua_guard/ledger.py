@@ -23,6 +23,7 @@ import os
 import queue
 import re
 import sqlite3
+import struct
 import threading
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -456,10 +457,13 @@ _SCHEMA = [
     "(kind, subject, detail, extra, host, platform, user, kernel, notebook, time)",
 ]
 
-# WAL pages between checkpoints. The writer that crosses it checkpoints inside its commit,
-# while the others wait; appends rewrite the same few tail pages, so a longer WAL folds many
-# commits into one write of each page.
-_WAL_AUTOCHECKPOINT = 1000
+# WAL frames after which a writer checkpoints (SQLite's own default). SQLite would do it
+# inside the commit, while the other writers wait on the lock file for it to write the pages
+# back and sync; writers do it after releasing the lock instead (PASSIVE: it never blocks
+# anyone), reading the frame count from the wal-index header (mxFrame, a native-order u32 at
+# byte 16 of the -shm file; https://www.sqlite.org/walformat.html).
+_CHECKPOINT_FRAMES = 1000
+_SHM_MXFRAME = struct.Struct("=I")
 
 _RARE = 20_000  # below this many matches, a kind filter reads through the index
 
@@ -507,6 +511,7 @@ class SQLiteLedger(Ledger):
         self._lock = threading.RLock()
         self._pid = os.getpid()
         self._lockfile: int | None = None
+        self._shm: int | None = None  # the wal-index file, read to time checkpoints
         self._conn_obj: sqlite3.Connection | None = None
         self._connect()
 
@@ -594,7 +599,6 @@ class SQLiteLedger(Ledger):
             if mode.lower() != "wal":
                 conn.execute("PRAGMA journal_mode = WAL")
             conn.execute(f"PRAGMA synchronous = {self.synchronous}")
-            conn.execute(f"PRAGMA wal_autocheckpoint = {_WAL_AUTOCHECKPOINT}")
         except LedgerError:
             conn.close()
             raise
@@ -609,6 +613,13 @@ class SQLiteLedger(Ledger):
                 self._lockfile = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT, 0o644)
             except OSError:
                 self._lockfile = None  # read-only place: SQLite's busy timeout still serialises
+        self._shm = None
+        if self._lockfile is not None:
+            try:
+                self._shm = os.open(f"{path}-shm", os.O_RDONLY)
+                conn.execute("PRAGMA wal_autocheckpoint = 0")
+            except (OSError, sqlite3.Error):
+                self._shm = None  # SQLite checkpoints inside commits, as it does by default
 
     def _create(self, conn: sqlite3.Connection) -> None:
         conn.execute("PRAGMA journal_mode = WAL")
@@ -666,9 +677,10 @@ class SQLiteLedger(Ledger):
             if self._conn_obj is not None and os.getpid() == self._pid:
                 self._conn_obj.close()
             self._conn_obj = None
-            if self._lockfile is not None and os.getpid() == self._pid:
-                os.close(self._lockfile)
-            self._lockfile = None
+            for fd in (self._lockfile, self._shm):
+                if fd is not None and os.getpid() == self._pid:
+                    os.close(fd)
+            self._lockfile = self._shm = None
 
     # -- writing
     def _store(self, prepared: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -700,7 +712,18 @@ class SQLiteLedger(Ledger):
             finally:
                 if locked:
                     fcntl.flock(self._lockfile, fcntl.LOCK_UN)
+            if self._shm is not None:
+                self._checkpoint_if_due(conn)
         return self._stored(chained)
+
+    def _checkpoint_if_due(self, conn: sqlite3.Connection) -> None:
+        """Copy the WAL back into the database once it is long, outside the writers' lock."""
+        try:
+            header = os.pread(self._shm, 4, 16)  # type: ignore[arg-type]
+            if len(header) == 4 and _SHM_MXFRAME.unpack(header)[0] >= _CHECKPOINT_FRAMES:
+                conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+        except (OSError, sqlite3.Error):
+            pass  # a checkpoint is housekeeping: the next writer tries again
 
     # -- reading
     def _where(
