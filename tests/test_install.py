@@ -1,10 +1,14 @@
 """What a research-computing admin sees after ``pip install``: both parts enabled and OK."""
 
+import importlib
 import json
+import os
 import re
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 from jupyter_dua_guard import __version__
 
@@ -41,3 +45,13 @@ def test_npm_and_python_versions_agree():
     root = Path(__file__).resolve().parents[1]
     package = json.loads((root / "package.json").read_text())
     assert package["version"] == __version__
+
+
+@pytest.mark.skipif(
+    not os.environ.get("CI") or bool(os.environ.get("JUPYTER_DUA_GUARD_NO_C")),
+    reason="only CI's own install (scripts/dev.sh brings the compiler and headers) must have them",
+)
+@pytest.mark.parametrize("module", ["_audit_fast", "_chain_fast"])
+def test_c_modules_built_by_the_install(module):
+    """A silent fallback to the Python paths would cost the speed the benchmarks promise."""
+    importlib.import_module(f"jupyter_dua_guard.{module}")
