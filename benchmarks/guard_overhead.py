@@ -5,7 +5,9 @@
     scikit-learn, groupby / crosstab / copy on a 200k-row frame, a scikit-learn fit,
 (c) ``copy.deepcopy`` of a large nested structure (``builtins.id`` is an audit event, so
     every Python-level hook runs on each ``id()``), with the C hook and with the
-    pure-Python hook.
+    pure-Python hook. For reference, (c) also runs with a C hook that does nothing: once
+    any hook exists, CPython builds an argument tuple for every event, so that ratio is
+    the floor no audit hook can go below.
 
 Goals: <= 1.02 on (b), <= 1.10 on (c). Runs are interleaved and medians compared, to
 cancel drift on a shared machine; (b) and (c) compare CPU time of the measured code
@@ -20,9 +22,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import statistics
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import time
 from typing import Any
@@ -62,6 +66,43 @@ for _ in range(5):
     best = min(best, time.process_time() - t0)
 print(best)
 """
+
+
+NULL_HOOK_C = r"""
+#include <Python.h>
+static int hook(const char *event, PyObject *args, void *data)
+{
+    (void)event; (void)args; (void)data;
+    return 0;
+}
+static PyObject *install(PyObject *self, PyObject *unused)
+{
+    (void)self; (void)unused;
+    if (PySys_AddAuditHook(hook, NULL) < 0) return NULL;
+    Py_RETURN_NONE;
+}
+static PyMethodDef methods[] = {{"install", install, METH_NOARGS, NULL}, {NULL, NULL, 0, NULL}};
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, .m_name = "_dua_null_hook", .m_size = -1, .m_methods = methods};
+PyMODINIT_FUNC PyInit__dua_null_hook(void) { return PyModule_Create(&module); }
+"""
+
+
+def build_null_hook(workdir: str) -> str | None:
+    """Compile the do-nothing C hook into ``workdir``; None without a working compiler."""
+    source = os.path.join(workdir, "_dua_null_hook.c")
+    with open(source, "w") as f:
+        f.write(NULL_HOOK_C)
+    target = os.path.join(
+        workdir, "_dua_null_hook" + (sysconfig.get_config_var("EXT_SUFFIX") or ".so")
+    )
+    ldshared = sysconfig.get_config_var("LDSHARED") or "cc -shared"
+    cmd = [*shlex.split(ldshared), "-O2", "-fPIC", f"-I{sysconfig.get_paths()['include']}", source]
+    try:
+        done = subprocess.run([*cmd, "-o", target], capture_output=True, timeout=120, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return workdir if done.returncode == 0 else None
 
 
 def base_env() -> dict[str, str]:
@@ -194,13 +235,23 @@ def main() -> None:
             p_guard.append(run(WORKLOAD, guard_env)[0])
         results["b_new_process_wall"] = summary(p_guard, p_plain)
 
-        c_plain, c_c, c_py = [], [], []
+        null_dir = build_null_hook(workdir)
+        null_env = {
+            **plain_env,
+            "PYTHONPATH": os.pathsep.join(filter(None, [null_dir, plain_env.get("PYTHONPATH")])),
+        }
+        null_code = "import _dua_null_hook\n_dua_null_hook.install()\n" + DEEPCOPY
+        c_plain, c_c, c_py, c_null = [], [], [], []
         for _ in range(args.repeat):
             c_plain.append(run(DEEPCOPY, plain_env)[1])
             c_c.append(run(DEEPCOPY, guard_env)[1])
             c_py.append(run(python_hook_prefix(variables) + DEEPCOPY, plain_env)[1])
+            if null_dir:
+                c_null.append(run(null_code, null_env)[1])
         results["c_deepcopy_c_hook"] = summary(c_c, c_plain)
         results["c_deepcopy_python_hook"] = summary(c_py, c_plain)
+        if c_null:
+            results["c_deepcopy_null_c_hook"] = summary(c_null, c_plain)
 
     try:
         from jupyter_dua_guard import _audit_fast  # noqa: F401
@@ -215,6 +266,11 @@ def main() -> None:
     print(line("    as a new python process, wall", results["b_new_process_wall"], "(+ start)"))
     print(line("(c) deepcopy CPU, C hook", results["c_deepcopy_c_hook"], "goal <= 1.10"))
     print(line("(c) deepcopy CPU, pure-Python hook", results["c_deepcopy_python_hook"]))
+    if "c_deepcopy_null_c_hook" in results:
+        floor = results["c_deepcopy_null_c_hook"]
+        print(line("    do-nothing C hook (CPython floor)", floor, "not the guard's"))
+    else:
+        print("    do-nothing C hook (CPython floor): not measured, no C compiler")
     print(json.dumps(results, indent=1))
 
 

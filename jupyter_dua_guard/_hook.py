@@ -480,17 +480,17 @@ def make_handlers(
 
 
 def add_hook(handlers: dict[str, Callable[[tuple], None]], audit_fast: Any) -> str:
-    """Register the audit hook; C fast path when the extension was built."""
+    """Register the audit hook; C fast path when the extension was built.
+
+    The C hook matches the event name itself and calls the handler directly, so Python
+    is entered only for the events in ``handlers``. An extension built from an older
+    source (no ``install_handlers``) is not used: the Python hook behaves the same.
+    """
     get = handlers.get
-
-    def dispatch(event: str, args: tuple) -> None:
-        handler = get(event)
-        if handler is not None:
-            handler(args)
-
-    if audit_fast is not None:
+    install_c = getattr(audit_fast, "install_handlers", None)
+    if install_c is not None:
         try:
-            audit_fast.install(dispatch, tuple(handlers))
+            install_c(tuple(handlers.values()), tuple(handlers))
             return "c"
         except RuntimeError:
             pass  # already installed by this process: add a Python hook on top

@@ -12,8 +12,10 @@ Why it is built this way:
 - All state lives in closures of the hook; this module exposes no switch to turn it off
   and calling :func:`install` again only adds another hook.
 - The hot path is one dict lookup on the event name (``builtins.id`` and friends are
-  audit events too). Where the optional C extension ``_audit_fast`` was built, that
-  lookup happens in C and Python is entered only for the events the guard handles.
+  audit events too). Where the optional C extension ``_audit_fast`` was built, the
+  filter runs in C (one table load on the name's first byte rejects nearly every
+  event) and Python is entered only for the events the guard handles, straight into
+  their handler.
 - Recording never breaks the user's code: a ledger failure is reported once on stderr.
 
 No Jupyter imports here: this runs in every guarded interpreter at start-up.
