@@ -31,6 +31,7 @@ import socket
 import sys
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
+from urllib.parse import urlsplit
 
 from tornado import httputil
 from tornado.ioloop import IOLoop
@@ -471,6 +472,11 @@ class EgressProxy:
             extra.close()
         self.host = host
         self.port = sock.getsockname()[1]
+        if hasattr(socket, "TCP_DEFER_ACCEPT"):
+            # Wake up once the request has arrived, not once for the connection and once
+            # more for its request (clients of a proxy always speak first).
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, 1)
         try:
             self._loop = asyncio.get_running_loop()
         except RuntimeError:
@@ -592,7 +598,7 @@ class EgressProxy:
         if start.method == "CONNECT":
             target, default_port = start.path, 443
         else:
-            parsed = httputil.urlparse(start.path)
+            parsed = urlsplit(start.path)
             if parsed.scheme != "http" or not parsed.netloc:
                 body = b"this is a proxy: send absolute http:// URLs or CONNECT\n"
                 conn.reply(400, "Bad Request", body)
@@ -624,7 +630,11 @@ class EgressProxy:
         if start.method == "CONNECT":
             to_server, to_client = rest, CONNECTED
         else:
-            to_server, to_client = self._origin_request(start, headers, host, port) + rest, b""
+            path = parsed.path or "/"
+            if parsed.query:
+                path += "?" + parsed.query
+            origin = self._origin_request(start.method, path, start.version, headers, host, port)
+            to_server, to_client = origin + rest, b""
 
         def connect() -> None:
             self._connect(conn, name, self.resolve.get(name, host), port, to_server, to_client)
@@ -714,18 +724,14 @@ class EgressProxy:
 
     @staticmethod
     def _origin_request(
-        start: httputil.RequestStartLine, headers: httputil.HTTPHeaders, host: str, port: int
+        method: str, path: str, version: str, headers: httputil.HTTPHeaders, host: str, port: int
     ) -> bytes:
         """The request as the origin server expects it: origin-form target, no hop-by-hop
         headers (nor those the client's ``Connection`` header names), one request only."""
-        parsed = httputil.urlparse(start.path)
-        path = parsed.path or "/"
-        if parsed.query:
-            path += "?" + parsed.query
-        drop = HOP_BY_HOP | {
-            token.strip().lower() for token in headers.get("Connection", "").split(",")
-        }
-        lines = [f"{start.method} {path} {start.version}"]
+        drop = HOP_BY_HOP
+        if "Connection" in headers:
+            drop = drop | {t.strip().lower() for t in headers["Connection"].split(",")}
+        lines = [f"{method} {path} {version}"]
         lines += [f"{k}: {v}" for k, v in headers.get_all() if k.lower() not in drop]
         if "Host" not in headers:
             lines.append("Host: " + (host if port == 80 else f"{host}:{port}"))
