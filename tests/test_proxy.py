@@ -483,3 +483,38 @@ def test_host_names_are_resolved(proxy, local_server):
     head, body = exchange(proxy.port, request.encode())
     assert head.split(b" ")[1] == b"200"
     assert body == LocalServer.body
+
+
+@pytest.mark.parametrize("uvloop", [True, False], ids=["uvloop", "asyncio"])
+def test_serve_runs_the_proxy_with_or_without_uvloop(local_server, uvloop):
+    """``serve`` (what ``jupyter dua-guard proxy`` runs) uses uvloop when it can be
+    imported and asyncio's own loop otherwise."""
+    if uvloop:
+        pytest.importorskip("uvloop")
+    code = f"""
+import asyncio, sys
+if {not uvloop}:
+    sys.modules["uvloop"] = None  # as if not installed
+from jupyter_dua_guard.policy import Policy, build_policy
+from jupyter_dua_guard.proxy import EgressProxy, serve
+def ready(port):
+    print(port, type(asyncio.get_running_loop()).__module__, flush=True)
+proxy = EgressProxy(Policy(build_policy()), secret={SECRET!r},
+                    resolve={{"data.registry.test": "127.0.0.1"}})
+serve(proxy, 0, ready=ready)
+"""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=PLAIN_ENV
+    )
+    try:
+        port, module = proc.stdout.readline().split()
+        assert module.startswith("uvloop" if uvloop else "asyncio")
+        url = f"http://{KERNEL}:{kernel_token(SECRET, KERNEL)}@127.0.0.1:{port}"
+        assert curl(url, f"http://data.registry.test:{local_server.port}/")[:2] == (
+            LocalServer.body.decode(),
+            "200",
+        )
+        assert curl(url, "http://api.openai.com/v1/models")[1] == "403"
+    finally:
+        proc.terminate()
+        proc.wait(10)
