@@ -222,9 +222,7 @@ class ProxyApp(JupyterApp):
     aliases = {"ip": "ProxyApp.ip", "port": "ProxyApp.port", "secret-file": "ProxyApp.secret_file"}
 
     def start(self) -> None:
-        import asyncio
-
-        from .proxy import EgressProxy, ledger_recorder
+        from .proxy import EgressProxy, ledger_recorder, serve
 
         g = DUAGuard(parent=self)
         try:
@@ -242,30 +240,30 @@ class ProxyApp(JupyterApp):
                 print(f"jupyter dua-guard proxy: cannot read secret file: {e}", file=sys.stderr)
                 self.exit(2)
 
-        async def main() -> None:
-            proxy = EgressProxy(
-                policy,
-                record=ledger_recorder(g.ledger_url or None),
-                secret=secret,
-                require_auth=bool(secret),
-                egress_mode=g.egress_mode,
-                egress_allowed_hosts=g.egress_allowed_hosts,
-                resolve=g.proxy_resolve,
-            )
-            try:
-                port = proxy.listen_loopback(self.port, self.ip)
-            except OSError as e:
-                print(
-                    f"jupyter dua-guard proxy: cannot listen on {self.ip}:{self.port} ({e}); "
-                    "choose another --port.",
-                    file=sys.stderr,
-                )
-                raise SystemExit(2) from None
-            print(f"jupyter-dua-guard proxy listening on http://{self.ip}:{port}", flush=True)
-            await asyncio.Event().wait()
+        proxy = EgressProxy(
+            policy,
+            record=ledger_recorder(g.ledger_url or None),
+            secret=secret,
+            require_auth=bool(secret),
+            egress_mode=g.egress_mode,
+            egress_allowed_hosts=g.egress_allowed_hosts,
+            resolve=g.proxy_resolve,
+        )
 
-        with contextlib.suppress(KeyboardInterrupt):
-            asyncio.run(main())
+        def ready(port: int) -> None:
+            print(f"jupyter-dua-guard proxy listening on http://{self.ip}:{port}", flush=True)
+
+        try:
+            serve(proxy, self.port, self.ip, ready=ready)
+        except OSError as e:
+            print(
+                f"jupyter dua-guard proxy: cannot listen on {self.ip}:{self.port} ({e}); "
+                "choose another --port.",
+                file=sys.stderr,
+            )
+            self.exit(2)
+        except KeyboardInterrupt:
+            pass
 
 
 SUBCOMMANDS = {

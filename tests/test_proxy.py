@@ -281,3 +281,240 @@ def test_proxy_service_command_refuses_and_records(tmp_path, local_server):
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+# ---------------------------------------------------------------- the relay itself
+
+
+class DataServer:
+    """Serves ``size`` deterministic pseudo-random bytes on GET and answers a POST with
+    the SHA-256 of its body: checks that the relay keeps every byte, in order."""
+
+    def __init__(self, size: int) -> None:
+        import hashlib
+        import random
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.data = random.Random(7).randbytes(size)
+        self.digest = hashlib.sha256(self.data).hexdigest()
+        data = self.data
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_GET(self) -> None:
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(data)))
+                self.send_header("Connection", "close")
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                answer = hashlib.sha256(body).hexdigest().encode()
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(answer)))
+                self.send_header("Connection", "close")
+                self.end_headers()
+                self.wfile.write(answer)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.httpd.server_address[1]
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def auth(kernel: str = KERNEL) -> str:
+    import base64
+
+    token = kernel_token(SECRET, kernel)
+    return "Proxy-Authorization: Basic " + base64.b64encode(f"{kernel}:{token}".encode()).decode()
+
+
+def exchange(
+    port: int, request: bytes, *, tunnel: str | None = None, slow: bool = False, half_close=False
+) -> tuple[bytes, bytes]:
+    """(response head, body) of one request through the proxy on a fresh connection.
+
+    ``tunnel``: CONNECT to that authority first; ``slow``: a small receive buffer and a
+    pause before reading, so the proxy must wait for the client (back-pressure);
+    ``half_close``: shut down the sending side after the request."""
+    import socket
+    import time
+
+    with socket.socket() as s:
+        if slow:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
+        s.settimeout(30)
+        s.connect(("127.0.0.1", port))
+        reader = s.makefile("rb")
+        if tunnel:
+            s.sendall(f"CONNECT {tunnel} HTTP/1.1\r\nHost: {tunnel}\r\n{auth()}\r\n\r\n".encode())
+            status = reader.readline()
+            assert status.startswith(b"HTTP/1.1 200"), status
+            while reader.readline() not in (b"\r\n", b""):
+                pass
+        s.sendall(request)
+        if half_close:
+            s.shutdown(socket.SHUT_WR)
+        if slow:
+            time.sleep(0.5)
+        raw = reader.read()
+    head, _, body = raw.partition(b"\r\n\r\n")
+    return head, body
+
+
+@pytest.fixture(params=["splice", "copy"])
+def relay_mode(request, monkeypatch):
+    """Both relays: splice(2) through a pipe (Linux) and recv/send (elsewhere)."""
+    import jupyter_dua_guard.proxy as proxy_module
+
+    if request.param == "copy":
+        monkeypatch.setattr(proxy_module, "_SPLICE", None)
+    elif proxy_module._SPLICE is None:
+        pytest.skip("splice(2) is Linux-only")
+    return request.param
+
+
+@pytest.fixture
+def data_server():
+    server = DataServer(6 * 1024 * 1024 + 12345)
+    yield server
+    server.close()
+
+
+@pytest.mark.parametrize("tunnel", [False, True], ids=["plain", "connect"])
+@pytest.mark.parametrize("slow", [False, True], ids=["fast-client", "slow-client"])
+def test_large_download_is_relayed_intact(relay_mode, proxy, data_server, tunnel, slow):
+    import hashlib
+
+    authority = f"data.registry.test:{data_server.port}"
+    if tunnel:
+        request = f"GET /big HTTP/1.1\r\nHost: {authority}\r\n\r\n".encode()
+        head, body = exchange(proxy.port, request, tunnel=authority, slow=slow)
+    else:
+        request = f"GET http://{authority}/big HTTP/1.1\r\nHost: {authority}\r\n{auth()}\r\n\r\n"
+        head, body = exchange(proxy.port, request.encode(), slow=slow)
+    assert head.startswith(b"HTTP/1.1 200")
+    assert len(body) == len(data_server.data)
+    assert hashlib.sha256(body).hexdigest() == data_server.digest
+
+
+@pytest.mark.parametrize("tunnel", [False, True], ids=["plain", "connect"])
+def test_large_upload_is_relayed_intact(relay_mode, proxy, data_server, tunnel):
+    authority = f"data.registry.test:{data_server.port}"
+    size = len(data_server.data)
+    if tunnel:
+        head = f"POST /up HTTP/1.1\r\nHost: {authority}\r\nContent-Length: {size}\r\n\r\n"
+        reply = exchange(proxy.port, head.encode() + data_server.data, tunnel=authority)
+    else:
+        head = (
+            f"POST http://{authority}/up HTTP/1.1\r\nHost: {authority}\r\n{auth()}\r\n"
+            f"Content-Length: {size}\r\n\r\n"
+        )
+        reply = exchange(proxy.port, head.encode() + data_server.data)
+    assert reply[0].startswith(b"HTTP/1.1 200")
+    assert reply[1].decode() == data_server.digest
+
+
+def test_client_that_half_closes_still_gets_the_answer(relay_mode, proxy, local_server):
+    authority = f"data.registry.test:{local_server.port}"
+    request = f"GET http://{authority}/ HTTP/1.1\r\nHost: {authority}\r\n{auth()}\r\n\r\n"
+    head, body = exchange(proxy.port, request.encode(), half_close=True)
+    assert head.split(b" ")[1] == b"200"
+    assert body == LocalServer.body
+
+
+def test_refused_upload_still_reads_403_and_is_recorded(proxy, ledger_url):
+    """A POST to an AI host with a large body: the client gets the 403 (the proxy does not
+    reset the connection under a body still arriving), and the ledger has the refusal."""
+    body = b"{" + b"x" * (4 * 1024 * 1024) + b"}"
+    head = (
+        "POST http://api.openai.com/v1/chat/completions HTTP/1.1\r\nHost: api.openai.com\r\n"
+        f"{auth()}\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    )
+    status, answer = exchange(proxy.port, head.encode() + body)
+    assert status.startswith(b"HTTP/1.1 403")
+    assert b"api.openai.com" in answer and b"sec. 22" in answer
+    [record] = blocked_records(ledger_url)
+    assert record["data"]["host"] == "api.openai.com"
+    assert record["context"] == {**record["context"], "kernel_id": KERNEL, "notebook": NOTEBOOK}
+
+
+def test_each_kernel_is_recorded_under_its_own_credentials(proxy, ledger_url):
+    """Verified credentials are cached per header value: a second kernel, and a forged
+    token for the first kernel's id, must not ride on the first kernel's entry."""
+    other = "7c2d-other-kernel"
+    proxy.proxy.register_kernel(other, "study/other.ipynb")
+    for kernel in (KERNEL, other, KERNEL):
+        assert curl(proxy.url(kernel), "http://api.openai.com/v1/models")[1] == "403"
+    records = blocked_records(ledger_url)
+    assert [(r["context"]["kernel_id"], r["context"]["notebook"]) for r in records] == [
+        (KERNEL, NOTEBOOK),
+        (other, "study/other.ipynb"),
+        (KERNEL, NOTEBOOK),
+    ]
+    assert curl(proxy.url(KERNEL, token=kernel_token(SECRET, other)), "http://x.test/")[1] == "407"
+
+
+def test_unreachable_upstream_gets_502_naming_host(proxy):
+    import socket
+
+    with socket.socket() as s:  # a port that was free a moment ago: nothing listens there
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    body, code, _ = curl(proxy.url(), f"http://data.registry.test:{port}/")
+    assert code == "502"
+    assert f"data.registry.test:{port}" in body
+
+
+def test_host_names_are_resolved(proxy, local_server):
+    """A destination that is a name (not in ``resolve``) is looked up off the event loop."""
+    request = (
+        f"GET http://localhost:{local_server.port}/ HTTP/1.1\r\n"
+        f"Host: localhost:{local_server.port}\r\n{auth()}\r\n\r\n"
+    )
+    head, body = exchange(proxy.port, request.encode())
+    assert head.split(b" ")[1] == b"200"
+    assert body == LocalServer.body
+
+
+@pytest.mark.parametrize("uvloop", [True, False], ids=["uvloop", "asyncio"])
+def test_serve_runs_the_proxy_with_or_without_uvloop(local_server, uvloop):
+    """``serve`` (what ``jupyter dua-guard proxy`` runs) uses uvloop when it can be
+    imported and asyncio's own loop otherwise."""
+    if uvloop:
+        pytest.importorskip("uvloop")
+    code = f"""
+import asyncio, sys
+if {not uvloop}:
+    sys.modules["uvloop"] = None  # as if not installed
+from jupyter_dua_guard.policy import Policy, build_policy
+from jupyter_dua_guard.proxy import EgressProxy, serve
+def ready(port):
+    print(port, type(asyncio.get_running_loop()).__module__, flush=True)
+proxy = EgressProxy(Policy(build_policy()), secret={SECRET!r},
+                    resolve={{"data.registry.test": "127.0.0.1"}})
+serve(proxy, 0, ready=ready)
+"""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=PLAIN_ENV
+    )
+    try:
+        port, module = proc.stdout.readline().split()
+        assert module.startswith("uvloop" if uvloop else "asyncio")
+        url = f"http://{KERNEL}:{kernel_token(SECRET, KERNEL)}@127.0.0.1:{port}"
+        assert curl(url, f"http://data.registry.test:{local_server.port}/")[:2] == (
+            LocalServer.body.decode(),
+            "200",
+        )
+        assert curl(url, "http://api.openai.com/v1/models")[1] == "403"
+    finally:
+        proc.terminate()
+        proc.wait(10)
