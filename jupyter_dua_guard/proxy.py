@@ -695,9 +695,10 @@ class EgressProxy:
             fd = up.fileno()
 
             def connected(waited: bool = True) -> None:
+                code = 0
                 if waited:
                     self._loop.remove_writer(fd)
-                code = up.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                    code = up.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
                 if conn.closed:
                     up.close()
                 elif code:
