@@ -8,11 +8,11 @@ are refused with ``403`` and recorded against the kernel and notebook that asked
 Request heads are parsed with tornado's ``httputil``. After the head, bytes are relayed
 unchanged in both directions with the event loop's ``add_reader``/``add_writer`` on the
 raw sockets: on Linux through a pipe with ``splice(2)``, so the payload never enters
-Python (a user-space copy halves a download's throughput on a small machine); elsewhere
-with ``recv_into``/``send`` on a reused buffer. Callbacks rather than a task and
-transports per connection keep the per-request cost low (most kernel traffic is many
-small requests, one connection each). Works on any asyncio loop; :func:`serve` runs a
-standalone proxy on uvloop when it is installed.
+Python (copying through user space costs the proxy ~3x the CPU time per byte);
+elsewhere with ``recv_into``/``send`` through a buffer per direction. Callbacks rather
+than a task and transports per connection keep the per-request cost low (most kernel
+traffic is many small requests, one connection each). Works on any asyncio loop;
+:func:`serve` runs a standalone proxy on uvloop when it is installed.
 """
 
 from __future__ import annotations
@@ -695,9 +695,10 @@ class EgressProxy:
             fd = up.fileno()
 
             def connected(waited: bool = True) -> None:
+                code = 0
                 if waited:
                     self._loop.remove_writer(fd)
-                code = up.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                    code = up.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
                 if conn.closed:
                     up.close()
                 elif code:
@@ -764,7 +765,7 @@ def serve(
     ready: Callable[[int], None] | None = None,
 ) -> None:
     """Run ``proxy`` as a standalone service until interrupted, on uvloop when installed
-    (its C event loop halves the proxy's per-request cost)."""
+    (its event loop, written in C, takes some 5-10% off the proxy's CPU time per request)."""
 
     async def main() -> None:
         bound = proxy.listen_loopback(port, host)

@@ -518,3 +518,10 @@ serve(proxy, 0, ready=ready)
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def test_non_ascii_url_as_curl_sends_it_passes(proxy, local_server):
+    """curl sends a URL's UTF-8 bytes unencoded (``/données.csv``): the proxy must relay
+    such requests, not refuse them as malformed."""
+    body, code, _ = curl(proxy.url(), f"http://data.registry.test:{local_server.port}/données.csv")
+    assert (code, body) == ("200", LocalServer.body.decode())
