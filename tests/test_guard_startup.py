@@ -237,3 +237,52 @@ def test_dotted_catalogue_names(tmp_path) -> None:
     assert [(d["name"], d["distribution"], d["version"]) for d in imports] == [
         ("google.genai", "google-genai", "0.8.3")
     ]
+
+
+def test_c_hook_enters_python_only_for_its_events() -> None:
+    try:
+        from jupyter_dua_guard import _audit_fast  # noqa: F401
+    except ImportError:
+        pytest.skip("C extension not built here (no compiler): the Python hook is used")
+    code = textwrap.dedent(
+        """
+        import sys, traceback
+        from jupyter_dua_guard import _audit_fast
+        for bad in [((print,), ("a", "b")), ((1,), ("a",)), ((print,), ("",))]:
+            try:
+                _audit_fast.install_handlers(*bad)
+            except (TypeError, ValueError) as e:
+                print(type(e).__name__)
+        seen = []
+        def refuse(args):
+            raise PermissionError("refused " + str(args[0]))
+        _audit_fast.install_handlers(
+            (seen.append, seen.append, refuse), ("x.one", "import", "x.refuse")
+        )
+        sys.audit("x.one", 1)
+        sys.audit("x.other", 2)
+        sys.audit("y", 3)
+        sys.audit("x.onf", 4)
+        id(seen)
+        sys.audit("x.one", 5)
+        import colorsys
+        try:
+            sys.audit("x.refuse", 6)
+        except PermissionError as e:
+            print(e, len(traceback.extract_tb(e.__traceback__)))
+        try:
+            _audit_fast.install_handlers((print,), ("z",))
+        except RuntimeError:
+            print("RuntimeError")
+        print(seen[0], seen[1], seen[2][0], len(seen))
+        """
+    )
+    proc = run_python(code)
+    assert proc.stdout.splitlines() == [
+        "ValueError",
+        "TypeError",
+        "ValueError",
+        "refused 6 1",
+        "RuntimeError",
+        "(1,) (5,) colorsys 3",
+    ], proc.stderr
