@@ -336,7 +336,8 @@ def test_db_init_cli_records_schema_version_and_is_idempotent(pg_server):
     writer = pg_server.url("dua_guard_writer", "Cli-Writer-5", db)
     fill(writer, 1)
     status = cli("db", "status", "--ledger", writer)
-    assert status.returncode == 0 and "schema version 1" in status.stdout
+    assert status.returncode == 0
+    assert f"schema version {ledger_pg.SCHEMA_VERSION}" in status.stdout
     upgrade = cli("db", "upgrade", "--ledger", pg_server.url(db=db))
     assert upgrade.returncode == 0 and "nothing to upgrade" in upgrade.stdout
     bad = cli("db", "init", "--ledger", "sqlite:////tmp/x.sqlite")
@@ -345,22 +346,29 @@ def test_db_init_cli_records_schema_version_and_is_idempotent(pg_server):
 
 def test_db_upgrade_applies_migrations_in_order(pg_ledger, monkeypatch):
     fill(pg_ledger.writer, 2)
-    monkeypatch.setattr(ledger_pg, "SCHEMA_VERSION", 2)
+    current = ledger_pg.SCHEMA_VERSION
+    monkeypatch.setattr(ledger_pg, "SCHEMA_VERSION", current + 1)
     monkeypatch.setattr(
         ledger_pg,
         "MIGRATIONS",
-        {2: ["CREATE INDEX ledger_records_user ON dua_guard.ledger_records (username)"]},
+        {
+            **ledger_pg.MIGRATIONS,
+            current + 1: [
+                "CREATE INDEX ledger_records_user ON dua_guard.ledger_records "
+                "((context ->> 'user'))"
+            ],
+        },
     )
     with pytest.raises(LedgerError, match="db upgrade"):
         open_ledger(pg_ledger.writer)
     done = ledger_pg.db_upgrade(pg_ledger.admin)
-    assert done == ["schema dua_guard upgraded to version 2"]
+    assert done == [f"schema dua_guard upgraded to version {current + 1}"]
     assert sql(pg_ledger.admin, "SELECT to_regclass('dua_guard.ledger_records_user')::text") == [
         ("dua_guard.ledger_records_user",)
     ]
     with open_ledger(pg_ledger.writer) as ledger:
         assert ledger.verify().ok and ledger.count() == 2
-    monkeypatch.setattr(ledger_pg, "SCHEMA_VERSION", 1)
+    monkeypatch.setattr(ledger_pg, "SCHEMA_VERSION", current)
     with pytest.raises(LedgerError, match="upgrade jupyter-dua-guard"):
         open_ledger(pg_ledger.writer)
 
