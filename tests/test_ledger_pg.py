@@ -256,8 +256,10 @@ def test_many_writers_on_two_hosts_total_gap_free_order(pg_ledger):
         "CREATE TABLE dua_guard.extra (x int)",
         "CREATE TABLE public.extra (x int)",
         "UPDATE dua_guard.ledger_meta SET value = '0' WHERE key = 'schema_version'",
-        "DELETE FROM dua_guard.ledger_pending",
-        "ALTER FUNCTION dua_guard.chain(bigint[]) SECURITY INVOKER",
+        "ALTER PROCEDURE dua_guard.submit(text[], text[], bigint[], text[], text[]) "
+        "SECURITY DEFINER",
+        "DROP PROCEDURE dua_guard.submit(text[], text[], bigint[], text[], text[])",
+        "ALTER FUNCTION dua_guard.append(text[], text[], boolean) SECURITY INVOKER",
     ],
 )
 def test_writer_cannot_change_or_remove_records(pg_ledger, statement):
@@ -354,8 +356,7 @@ def test_db_upgrade_applies_migrations_in_order(pg_ledger, monkeypatch):
         {
             **ledger_pg.MIGRATIONS,
             current + 1: [
-                "CREATE INDEX ledger_records_user ON dua_guard.ledger_records "
-                "((context ->> 'user'))"
+                "CREATE INDEX ledger_records_user ON dua_guard.ledger_records (username, time)"
             ],
         },
     )
