@@ -946,7 +946,7 @@ class PostgresLedger(Ledger):
         """Check every link in the database (hashing there), in ``workers`` ranges at once."""
         pin = _parse_pin(head) if head else None
 
-        def summary(conn: Any) -> tuple[int, tuple[int, str], list[str]]:
+        def summary(conn: Any) -> tuple[int, tuple[int, str], list[str], list[str]]:
             total = conn.execute(f"SELECT count(*) FROM {SCHEMA}.ledger_records").fetchone()[0]
             row = conn.execute(
                 f"SELECT seq, hash FROM {SCHEMA}.ledger_records ORDER BY seq DESC LIMIT 1"
@@ -956,9 +956,10 @@ class PostgresLedger(Ledger):
                 (f"{SCHEMA}.ledger_records",),
             ).fetchall()
             missing = sorted(set(_TRIGGERS) - {g[0] for g in guards})
-            return int(total), ((int(row[0]), str(row[1])) if row else (0, GENESIS)), missing
+            top = (int(row[0]), str(row[1])) if row else (0, GENESIS)
+            return int(total), top, missing, _altered_columns(conn)
 
-        total, top, missing = self._read(summary)
+        total, top, missing, altered = self._read(summary)
         ranges = max(1, min(int(workers), 8)) if top[0] >= 100_000 else 1
         bounds = [top[0] * i // ranges for i in range(ranges + 1)]
         if ranges == 1:
@@ -978,6 +979,15 @@ class PostgresLedger(Ledger):
                 return VerifyResult(
                     False, total, *top, url=self.url, bad_seq=problem[0], problem=problem[1]
                 )
+        if altered:
+            return VerifyResult(
+                False, total, *top, url=self.url,
+                problem=f"the chain is intact but column(s) {', '.join(altered)} of "
+                "dua_guard.ledger_records are no longer generated from the hashed record as "
+                "`db init` made them: someone with the owner role altered the table, so reports "
+                "may not show what the records say; investigate and restore the table from a "
+                "backup",
+            )  # fmt: skip
         if missing:
             return VerifyResult(
                 False, total, *top, url=self.url,
@@ -1068,6 +1078,46 @@ _RANGE_SQL = f"""SELECT min(seq) FROM (
     hash IS DISTINCT FROM encode(sha256(convert_to(prev || E'\\n' || body, 'UTF8')), 'hex')
     OR prev IS DISTINCT FROM coalesce(lh, CASE WHEN %(lo)s = 0 THEN %(genesis)s END)
     OR seq <> coalesce(ls, %(lo)s) + 1)"""
+
+
+# The expressions ``db init`` / ``db upgrade`` give the columns reports read.
+_GENERATED_EXPR = {
+    "time": f"{_J} ->> 'time'",
+    "kind": f"{_J} ->> 'kind'",
+    "username": f"{_J} -> 'context' ->> 'user'",
+    "host": f"{_J} -> 'context' ->> 'host'",
+    "platform": f"{_J} -> 'context' ->> 'platform'",
+    "kernel": f"{_J} -> 'context' ->> 'kernel_id'",
+    "notebook": f"{_J} -> 'context' ->> 'notebook'",
+    "data": f"{_J} -> 'data'",
+}
+
+
+def _normal_expr(expr: str) -> str:
+    """An expression as written here or as PostgreSQL prints it, in one comparable form."""
+    return re.sub(r"[\s()]|::text\b", "", expr)
+
+
+def _altered_columns(conn: Any) -> list[str]:
+    """Columns reports read that are gone, no longer generated, or computed differently.
+
+    They are generated from the body, so the owner cannot change them without changing
+    the hashed body — unless the table itself is altered (DROP EXPRESSION, a column
+    replaced by one computed another way), which this catches.
+    """
+    rows = conn.execute(
+        "SELECT a.attname, a.attgenerated, pg_get_expr(d.adbin, d.adrelid) FROM pg_attribute a "
+        "LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum "
+        "WHERE a.attrelid = %s::regclass AND a.attnum > 0 AND NOT a.attisdropped",
+        (f"{SCHEMA}.ledger_records",),
+    ).fetchall()
+    found = {name: (generated, expr) for name, generated, expr in rows}
+    return [
+        name
+        for name in _GENERATED
+        if found.get(name, ("", None))[0] != "s"
+        or _normal_expr(found[name][1] or "") != _normal_expr(_GENERATED_EXPR[name])
+    ]
 
 
 def _first_bad(conn: Any, lo: int, hi: int) -> int | None:
