@@ -7,11 +7,13 @@ the same hash chain as SQLite, and lets the database itself enforce append-only:
 - ``jupyter dua-guard db init`` creates schema ``dua_guard`` owned by an *owner* role and a
   *writer* role that may only INSERT and SELECT; a trigger refuses UPDATE, DELETE and
   TRUNCATE (even for the owner, unless the owner disables it — which ``verify`` reports).
-- An append commits the event durably to ``ledger_pending``, then ``chain()`` takes a
-  transaction-scoped advisory lock and chains every pending event after the head, so the
-  order is total and gap-free however many kernels on however many hosts write at once, and
-  concurrent writers share disk flushes. The database hashes exactly as ``record_hash``
-  does; the client checks the hashes it gets back.
+- An append is one call of the ``submit`` procedure: under a transaction-scoped advisory
+  lock it chains the events after the head and commits without waiting for the disk (so
+  the lock is held for microseconds, not for a flush), then commits a second, tiny
+  transaction synchronously, whose flush covers the first and is shared by concurrent
+  writers. The order is total and gap-free however many kernels on however many hosts
+  write at once, and ``append`` returns only once its records are durable. The database
+  hashes exactly as ``record_hash`` does; the client checks the hashes it gets back.
 - When the database cannot be reached, events go to a local spool — an ordinary SQLite
   ledger per process under the spool directory — and are flushed in order once the database
   answers again. Flushing is idempotent: an event already in the database (same time and
@@ -141,8 +143,9 @@ _RECORDS_SQL = f"""CREATE TABLE {SCHEMA}.ledger_records (
         END) STORED
 )"""
 
-# Appends in two steps, so that many writers share each fsync (group commit) instead of
-# queueing behind one lock across it:
+# Version 1 (kept as written, since ``db upgrade`` starts from it; version 2 replaces the
+# queue below). Appends in two steps, so that many writers share each fsync (group commit)
+# instead of queueing behind one lock across it:
 # 1. the event is committed durably to ``ledger_pending`` (plain INSERT; concurrent commits
 #    are flushed together by PostgreSQL);
 # 2. ``chain(ids)`` takes the advisory lock, chains *every* pending event in id order after
