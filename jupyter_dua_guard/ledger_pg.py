@@ -592,7 +592,7 @@ class PostgresLedger(Ledger):
         # fails once that first commit may have happened, the events are spooled all the same:
         # a flush skips events already in the database, so nothing is doubled.
         try:
-            row = conn.execute(_SUBMIT_CALL, (heads, times), binary=True).fetchone()
+            row = conn.execute(_SUBMIT_CALL, (_text_array(heads), _text_array(times))).fetchone()
         except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
             raise _Unavailable(_one_line(exc)) from None
         except psycopg.Error as exc:
@@ -1067,7 +1067,16 @@ def _tune(conn: Any) -> None:
     conn.execute("SELECT set_config('work_mem', '256MB', true), set_config('jit', 'off', true)")
 
 
-_SUBMIT_CALL = f"CALL {SCHEMA}.submit(%b::text[], %b::text[])"
+_SUBMIT_CALL = f"CALL {SCHEMA}.submit(%s::text[], %s::text[])"
+
+
+def _text_array(items: list[str]) -> str:
+    """A text[] literal: a tenth of what psycopg's general list adapter costs per append."""
+    return (
+        "{"
+        + ",".join('"' + item.replace("\\", "\\\\").replace('"', '\\"') + '"' for item in items)
+        + "}"
+    )
 
 
 def _columns(batch: list[dict[str, Any]]) -> tuple[list[str], list[str]]:
