@@ -305,7 +305,7 @@ def postgres(args: argparse.Namespace) -> None:
             (
                 8,
                 1,
-                "single appends, synchronous_commit=off",
+                "single appends, synchronous_commit=off (opt-in: not flushed on return)",
                 "options=-c%20synchronous_commit%3Doff",
             ),
         ]
@@ -328,6 +328,7 @@ def postgres(args: argparse.Namespace) -> None:
         db, url = fresh()
         _, wall_g, _ = timed(lambda: _pg_generate(server.url(db=db), args.events))
         print(f"  loaded {args.events:,} synthetic events with COPY in {wall_g:.1f} s")
+        print(f"  load average before the report figures: {os.getloadavg()[0]:.2f}")
         with open_ledger(url) as ledger:
             agg, wall_a, _ = timed(lambda: ledger.aggregate())
             cpus = os.cpu_count() or 1

@@ -7,11 +7,13 @@ the same hash chain as SQLite, and lets the database itself enforce append-only:
 - ``jupyter dua-guard db init`` creates schema ``dua_guard`` owned by an *owner* role and a
   *writer* role that may only INSERT and SELECT; a trigger refuses UPDATE, DELETE and
   TRUNCATE (even for the owner, unless the owner disables it — which ``verify`` reports).
-- An append commits the event durably to ``ledger_pending``, then ``chain()`` takes a
-  transaction-scoped advisory lock and chains every pending event after the head, so the
-  order is total and gap-free however many kernels on however many hosts write at once, and
-  concurrent writers share disk flushes. The database hashes exactly as ``record_hash``
-  does; the client checks the hashes it gets back.
+- An append is one call of the ``submit`` procedure: under a transaction-scoped advisory
+  lock it chains the events after the head and commits without waiting for the disk (so
+  the lock is held for microseconds, not for a flush), then commits a second, tiny
+  transaction synchronously, whose flush covers the first and is shared by concurrent
+  writers. The order is total and gap-free however many kernels on however many hosts
+  write at once, and ``append`` returns only once its records are durable. The database
+  hashes exactly as ``record_hash`` does; the client checks the hashes it gets back.
 - When the database cannot be reached, events go to a local spool — an ordinary SQLite
   ledger per process under the spool directory — and are flushed in order once the database
   answers again. Flushing is idempotent: an event already in the database (same time and
@@ -81,7 +83,7 @@ __all__ = [
 ]
 
 SCHEMA = "dua_guard"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 LOCK_KEY = 0x6475615F6C656467  # "dua_ledg": the one advisory lock that orders appends
 OWNER_ROLE = "dua_guard_owner"
 WRITER_ROLE = "dua_guard_writer"
@@ -141,8 +143,9 @@ _RECORDS_SQL = f"""CREATE TABLE {SCHEMA}.ledger_records (
         END) STORED
 )"""
 
-# Appends in two steps, so that many writers share each fsync (group commit) instead of
-# queueing behind one lock across it:
+# Version 1 (kept as written, since ``db upgrade`` starts from it; version 2 replaces the
+# queue below). Appends in two steps, so that many writers share each fsync (group commit)
+# instead of queueing behind one lock across it:
 # 1. the event is committed durably to ``ledger_pending`` (plain INSERT; concurrent commits
 #    are flushed together by PostgreSQL);
 # 2. ``chain(ids)`` takes the advisory lock, chains *every* pending event in id order after
@@ -243,8 +246,117 @@ _BASE_SCHEMA = [
     _APPEND_SQL,
 ]
 
+# Version 2: the record columns that reports group and filter by. Version 1 derived ten
+# text columns, three of them through CASE expressions over the event kind; PostgreSQL
+# plans every generated expression again for each INSERT, which made one record cost about
+# 0.4 ms inside the chain lock. Version 2 keeps the seven simple ones and stores the event's
+# ``data`` object instead of subject/detail/extra, which reports read out of it. All stay
+# GENERATED from the body, so none can change without changing the hashed body.
+_RECORDS_V2_SQL = f"""ALTER TABLE {SCHEMA}.ledger_records
+    DROP COLUMN pending_id, DROP COLUMN subject, DROP COLUMN detail, DROP COLUMN extra,
+    ADD COLUMN data jsonb GENERATED ALWAYS AS ({_J} -> 'data') STORED"""
+_GENERATED = ("time", "kind", "username", "host", "platform", "kernel", "notebook", "data")
+
+# What reports group by, read out of the generated ``data`` object.
+_SUBJECT = """CASE kind
+    WHEN 'ai_ml_import' THEN coalesce(data ->> 'distribution', data ->> 'name')
+    WHEN 'egress_blocked' THEN data ->> 'host'
+    WHEN 'egress_allowed_ai' THEN data ->> 'host'
+    WHEN 'model_artifact_written' THEN data ->> 'path'
+    WHEN 'data_read' THEN data ->> 'path'
+    WHEN 'output_flagged' THEN data ->> 'rule'
+    WHEN 'review_signed' THEN data ->> 'reviewer'
+    WHEN 'kernel_started' THEN data ->> 'kernel_name' END"""
+_DETAIL = """CASE kind
+    WHEN 'ai_ml_import' THEN data ->> 'version'
+    WHEN 'egress_blocked' THEN data ->> 'port'
+    WHEN 'egress_allowed_ai' THEN data ->> 'port'
+    WHEN 'model_artifact_written' THEN data ->> 'library'
+    WHEN 'data_read' THEN data ->> 'format'
+    WHEN 'review_signed' THEN data ->> 'notebook' END"""
+_EXTRA = """CASE kind
+    WHEN 'ai_ml_import' THEN data ->> 'category'
+    WHEN 'egress_blocked' THEN data ->> 'rule'
+    WHEN 'egress_allowed_ai' THEN data ->> 'rule'
+    WHEN 'model_artifact_written' THEN data ->> 'size'
+    WHEN 'review_signed' THEN data ->> 'scope' END"""
+
+# Version 2 appends in one round trip and two transactions, so that the chain lock is never
+# held while the disk flushes (version 1 went through a queue table, ``ledger_pending``, and
+# a second chaining call — twice the work per event). ``submit``, a procedure so that it may
+# commit half-way:
+# 1. takes the advisory lock, chains the events after the head and commits *without*
+#    waiting for the disk — which releases the lock at once;
+# 2. writes one WAL record (a logical-decoding message) in a new transaction and commits it
+#    synchronously. That flush covers the first commit, which lies before it in the WAL, and
+#    concurrent writers share it (group commit).
+# When ``submit`` returns, the events are on disk (or wherever ``synchronous_commit`` says).
+# A crash in between loses the first transaction only together with everything after it in
+# the WAL, so the chain stays gap-free; the writer, which got an error, spools the events
+# and a later flush stores them once (it skips events already stored).
+_SUBMIT_SQL = f"""CREATE PROCEDURE {SCHEMA}.submit(heads text[], times text[],
+    INOUT seqs bigint[] DEFAULT NULL, INOUT prevs text[] DEFAULT NULL,
+    INOUT hashes text[] DEFAULT NULL)
+LANGUAGE plpgsql AS $fn$
+DECLARE
+    s bigint; p text; b text; bodies text[] := '{{}}';
+BEGIN
+    seqs := '{{}}'; prevs := '{{}}'; hashes := '{{}}';
+    PERFORM pg_catalog.pg_advisory_xact_lock({LOCK_KEY});
+    PERFORM pg_catalog.set_config('synchronous_commit', 'off', true);
+    SELECT r.seq, r.hash INTO s, p FROM {SCHEMA}.ledger_records AS r ORDER BY r.seq DESC LIMIT 1;
+    IF NOT FOUND THEN s := 0; p := pg_catalog.repeat('0', 64); END IF;
+    FOR i IN 1 .. coalesce(pg_catalog.cardinality(heads), 0) LOOP
+        s := s + 1;
+        b := heads[i] || ',"seq":' || s || ',"time":"' || times[i] || '"}}';
+        seqs[i] := s;
+        prevs[i] := p;
+        bodies[i] := b;
+        p := pg_catalog.encode(pg_catalog.sha256(
+            pg_catalog.convert_to(p || E'\\n' || b, 'UTF8')), 'hex');
+        hashes[i] := p;
+    END LOOP;
+    INSERT INTO {SCHEMA}.ledger_records (seq, prev, hash, body)
+        SELECT * FROM unnest(seqs, prevs, hashes, bodies);
+    COMMIT;
+    PERFORM pg_catalog.pg_logical_emit_message(true, 'jupyter-dua-guard', 'flush');
+    COMMIT;
+END
+$fn$"""
+
+# Flushing a spool, as in version 1 but without the queue.
+_APPEND_V2_SQL = _APPEND_SQL.replace("CREATE FUNCTION", "CREATE OR REPLACE FUNCTION", 1).replace(
+    f"    PERFORM {SCHEMA}._drain();\n", ""
+)
+
+# Who may call ``submit``: every role that may call ``append`` (the writer and the owner).
+_GRANT_SUBMIT_SQL = f"""DO $do$
+DECLARE r text;
+BEGIN
+    FOR r IN SELECT DISTINCT a.grantee::regrole::text FROM pg_proc p, aclexplode(p.proacl) a
+            WHERE p.oid = '{SCHEMA}.append(text[], text[], boolean)'::regprocedure
+              AND a.privilege_type = 'EXECUTE' AND a.grantee <> 0 LOOP
+        EXECUTE format('GRANT EXECUTE ON PROCEDURE {SCHEMA}.submit(text[], text[], bigint[], '
+                       'text[], text[]) TO %s', r);
+    END LOOP;
+END
+$do$"""
+
 # schema version -> statements that bring version - 1 up to it (run as the owner role).
-MIGRATIONS: dict[int, list[str]] = {}
+MIGRATIONS: dict[int, list[str]] = {
+    2: [
+        f"SELECT {SCHEMA}._drain()",  # chain what version 1 left queued (the lock is held)
+        f"DROP FUNCTION {SCHEMA}.chain(bigint[])",
+        f"DROP FUNCTION {SCHEMA}._drain()",
+        f"DROP TABLE {SCHEMA}.ledger_pending",
+        _RECORDS_V2_SQL,
+        _APPEND_V2_SQL,
+        _SUBMIT_SQL,
+        f"REVOKE ALL ON PROCEDURE {SCHEMA}.submit(text[], text[], bigint[], text[], text[]) "
+        "FROM PUBLIC",
+        _GRANT_SUBMIT_SQL,
+    ],
+}
 
 
 def _require_psycopg() -> None:
@@ -476,27 +588,11 @@ class PostgresLedger(Ledger):
     def _to_database(self, prepared: list[dict[str, Any]]) -> list[dict[str, Any]]:
         heads, times = _columns(prepared)
         conn = self._connection()
-        insert = (
-            f"INSERT INTO {SCHEMA}.ledger_pending (head, time) "
-            "SELECT * FROM unnest(%s::text[], %s::text[]) RETURNING id"
-        )
-        chain = f"SELECT r_id, r_seq, r_prev, r_hash FROM {SCHEMA}.chain(%s)"
-        # If anything fails once the pending insert may have committed, the events are spooled
-        # all the same: a flush skips events already in the database, so nothing is doubled.
+        # One round trip: ``submit`` commits the events durably, then chains them. If anything
+        # fails once that first commit may have happened, the events are spooled all the same:
+        # a flush skips events already in the database, so nothing is doubled.
         try:
-            if len(prepared) == 1:
-                # One round trip: both statements pipelined, each committed in turn; currval
-                # is this session's own id.
-                with conn.pipeline():
-                    first = conn.execute(insert, (heads, times))
-                    second = conn.execute(
-                        chain.replace("%s", f"ARRAY[currval('{SCHEMA}.ledger_pending_id_seq')]")
-                    )
-                ids = [r[0] for r in first.fetchall()]
-                rows = second.fetchall()
-            else:
-                ids = [r[0] for r in conn.execute(insert, (heads, times)).fetchall()]
-                rows = conn.execute(chain, (sorted(ids),)).fetchall()
+            row = conn.execute(_SUBMIT_CALL, (_text_array(heads), _text_array(times))).fetchone()
         except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
             raise _Unavailable(_one_line(exc)) from None
         except psycopg.Error as exc:
@@ -505,15 +601,14 @@ class PostgresLedger(Ledger):
                 f"{_one_line(exc)} — check `jupyter dua-guard db init` and the role's grants"
             ) from None
         self.last_error = None
-        by_id = {r[0]: r[1:] for r in rows}
-        stored = []
-        for event, pid in zip(prepared, sorted(ids), strict=True):
-            if pid not in by_id:
-                raise LedgerError(
-                    f"ledger {self.url} did not chain event {pid}: its chain function was "
-                    "altered; run `jupyter dua-guard verify` and `db upgrade`"
-                )
-            seq, prev, digest = by_id[pid]
+        seqs, prevs, hashes = row if row else (None, None, None)
+        if not seqs or len(seqs) != len(prepared):
+            raise LedgerError(
+                f"ledger {self.url} did not chain {len(prepared)} event(s): its chain function "
+                "was altered; run `jupyter dua-guard verify` and `db upgrade`"
+            )
+        rows = []
+        for event, seq, prev, digest in zip(prepared, seqs, prevs, hashes, strict=True):
             body = f'{event["head"]},"seq":{seq},"time":"{event["time"]}"}}'
             if record_hash(prev, body) != digest:
                 raise LedgerError(
@@ -521,8 +616,8 @@ class PostgresLedger(Ledger):
                     "database is not UTF-8 or its chain function was altered; run "
                     "`jupyter dua-guard verify`"
                 )
-            stored.extend(self._stored([(seq, prev, digest, body)]))
-        return stored
+            rows.append((seq, prev, digest, body))
+        return self._stored(rows)
 
     # -- spool
     def _spool_path(self) -> Path:
@@ -770,67 +865,91 @@ class PostgresLedger(Ledger):
         host: str | None = None,
     ) -> dict[str, Any]:
         where, params = self._where(since, until, None, None, user, host)
-        and_where = where.replace("WHERE ", "AND ", 1)
-        cols = ", ".join(c if c != "user" else "username" for c in _AGG_COLUMNS)
-        table = f"{SCHEMA}.ledger_records"
-        queries = {
-            "groups": (
-                f"SELECT {cols}, min(time), max(time), count(*) FROM {table} {where} "
-                f"GROUP BY {cols}",
-                params,
-            ),
-            "distinct": (
-                "SELECT kind, subject, NULL, NULL, "
-                "count(DISTINCT nullif(kernel, '')), count(DISTINCT nullif(notebook, '')) "
-                f"FROM {table} WHERE kind IN ('ai_ml_import', 'kernel_started') {and_where} "
-                "GROUP BY kind, subject UNION ALL SELECT kind, subject, detail, extra, "
-                "count(DISTINCT nullif(kernel, '')), count(DISTINCT nullif(notebook, '')) "
-                f"FROM {table} WHERE kind IN ('egress_blocked', 'egress_allowed_ai', "
-                "'output_flagged', 'data_read', 'model_artifact_written', 'review_signed', "
-                f"'guard_defaults_used') {and_where} GROUP BY kind, subject, detail, extra",
-                params * 2,
-            ),
-            "kernels": (
-                "SELECT count(DISTINCT nullif(kernel, '')), count(DISTINCT nullif(kernel, '')) "
-                f"FILTER (WHERE kind = 'kernel_started') FROM {table} "
-                f"WHERE kind IN ('ai_ml_import', 'kernel_started') {and_where}",
-                params,
-            ),
-            "notebooks": (
-                f"SELECT DISTINCT notebook FROM {table} WHERE notebook <> '' {and_where}",
-                params,
-            ),
-        }
+        queries = _aggregate_sql(where)
+        big = self._read(
+            lambda c: c.execute(f"SELECT max(seq) FROM {SCHEMA}.ledger_records").fetchone()[0]
+        )
+        if big is not None and big >= 100_000:
+            groups, distinct = self._aggregate_parallel(queries, params)
+        else:
 
-        def run(conn: Any) -> dict[str, list]:
-            # Hash and sort the groups in memory: the default 4 MB spills a million rows to disk.
-            conn.execute("SET LOCAL work_mem = '256MB'")
-            return {k: conn.execute(q, a).fetchall() for k, (q, a) in queries.items()}
+            def run(conn: Any) -> tuple[list, list]:
+                _tune(conn)
+                return tuple(conn.execute(q, params).fetchall() for q in queries)  # type: ignore[return-value]
 
-        rows = self._read(run)
+            groups, distinct = self._read(run)
         n = len(_AGG_COLUMNS)
+        per_key: dict[tuple, dict[str, Any]] = {}
+        kernels = started = 0
+        for g, kind, subject, detail, extra, count_k, count_nb, count_k3, count_st in distinct:
+            if g == _G_TOTAL:
+                kernels, started = count_k3, count_st
+                continue
+            item = per_key.setdefault(
+                (kind, subject, detail, extra),
+                {"kind": kind, "subject": subject, "detail": detail, "extra": extra,
+                 "kernels": 0, "notebooks": 0},
+            )  # fmt: skip
+            if g == _G_KERNELS:
+                item["kernels"] = count_k
+            else:
+                item["notebooks"] = count_nb
         return {
             "groups": [
                 {**dict(zip(_AGG_COLUMNS, r[:n], strict=True)),
-                 "first": r[n], "last": r[n + 1], "count": r[n + 2]}
-                for r in rows["groups"]
+                 "first": r[n + 1], "last": r[n + 2], "count": r[n + 3]}
+                for r in groups if r[-1] == 1
             ],
-            "distinct": [
-                {"kind": r[0], "subject": r[1], "detail": r[2], "extra": r[3],
-                 "kernels": r[4], "notebooks": r[5]}
-                for r in rows["distinct"]
-            ],
-            "kernels": rows["kernels"][0][0],
-            "kernels_started": rows["kernels"][0][1],
-            "notebooks": sorted(r[0] for r in rows["notebooks"]),
+            "distinct": list(per_key.values()),
+            "kernels": kernels,
+            "kernels_started": started,
+            "notebooks": sorted(r[n] for r in groups if r[-1] == 0 and r[n]),
         }  # fmt: skip
+
+    def _aggregate_parallel(self, queries: tuple[str, str], params: list[Any]) -> tuple:
+        """The two aggregation queries side by side on two connections, one snapshot."""
+        conns = [self._reader() for _ in queries]
+        try:
+            first, second = conns
+            first.execute("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            snapshot = first.execute("SELECT pg_export_snapshot()").fetchone()[0]
+            second.execute("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            second.execute(_sql.SQL("SET TRANSACTION SNAPSHOT {}").format(_sql.Literal(snapshot)))
+
+            def run(conn: Any, query: str) -> list:
+                _tune(conn)
+                return conn.execute(query, params).fetchall()
+
+            with ThreadPoolExecutor(max_workers=len(conns)) as pool:
+                results = list(pool.map(run, conns, queries))
+            return tuple(results)
+        except psycopg.Error as exc:
+            raise LedgerError(
+                f"cannot read the PostgreSQL ledger {self.url} ({_one_line(exc)}): connect "
+                "as the ledger's writer or owner role"
+            ) from None
+        finally:
+            for conn in conns:
+                conn.close()
+
+    def _reader(self) -> Any:
+        """A separate connection for one part of a report, so that parts run in parallel."""
+        try:
+            conn = psycopg.connect(self._conninfo, autocommit=True)
+        except psycopg.Error as exc:
+            raise LedgerError(self._unreachable(_one_line(exc))) from None
+        conn.execute(
+            "SELECT set_config('statement_timeout', %s, false)",
+            (f"{int(max(self.read_timeout, 60) * 1000)}",),
+        )
+        return conn
 
     # -- verification
     def verify(self, head: str | None = None, *, workers: int = 1) -> VerifyResult:
         """Check every link in the database (hashing there), in ``workers`` ranges at once."""
         pin = _parse_pin(head) if head else None
 
-        def summary(conn: Any) -> tuple[int, tuple[int, str], list[str]]:
+        def summary(conn: Any) -> tuple[int, tuple[int, str], list[str], list[str]]:
             total = conn.execute(f"SELECT count(*) FROM {SCHEMA}.ledger_records").fetchone()[0]
             row = conn.execute(
                 f"SELECT seq, hash FROM {SCHEMA}.ledger_records ORDER BY seq DESC LIMIT 1"
@@ -840,9 +959,10 @@ class PostgresLedger(Ledger):
                 (f"{SCHEMA}.ledger_records",),
             ).fetchall()
             missing = sorted(set(_TRIGGERS) - {g[0] for g in guards})
-            return int(total), ((int(row[0]), str(row[1])) if row else (0, GENESIS)), missing
+            top = (int(row[0]), str(row[1])) if row else (0, GENESIS)
+            return int(total), top, missing, _altered_columns(conn)
 
-        total, top, missing = self._read(summary)
+        total, top, missing, altered = self._read(summary)
         ranges = max(1, min(int(workers), 8)) if top[0] >= 100_000 else 1
         bounds = [top[0] * i // ranges for i in range(ranges + 1)]
         if ranges == 1:
@@ -862,6 +982,15 @@ class PostgresLedger(Ledger):
                 return VerifyResult(
                     False, total, *top, url=self.url, bad_seq=problem[0], problem=problem[1]
                 )
+        if altered:
+            return VerifyResult(
+                False, total, *top, url=self.url,
+                problem=f"the chain is intact but column(s) {', '.join(altered)} of "
+                "dua_guard.ledger_records are no longer generated from the hashed record as "
+                "`db init` made them: someone with the owner role altered the table, so reports "
+                "may not show what the records say; investigate and restore the table from a "
+                "backup",
+            )  # fmt: skip
         if missing:
             return VerifyResult(
                 False, total, *top, url=self.url,
@@ -888,6 +1017,68 @@ class PostgresLedger(Ledger):
             conn.close()
 
 
+# Grouping ids of the second aggregation query (GROUPING(k2, nb2, k3)).
+_G_KERNELS, _G_NOTEBOOKS, _G_TOTAL = 3, 5, 6
+_REPORT_KINDS = (
+    "'ai_ml_import', 'kernel_started', 'egress_blocked', 'egress_allowed_ai', "
+    "'output_flagged', 'data_read', 'model_artifact_written', 'review_signed', "
+    "'guard_defaults_used'"
+)
+
+
+def _aggregate_sql(where: str) -> tuple[str, str]:
+    """The report's two aggregation queries, each one pass over the (filtered) records.
+
+    The first groups by tool/location (and lists the notebooks); the second counts distinct
+    kernels and notebooks per tool, service, rule or file, and the kernels overall — with
+    hashed grouping sets rather than sorting for every ``count(DISTINCT ...)``.
+    """
+    cols = ", ".join(c if c != "user" else "username" for c in _AGG_COLUMNS)
+    src = (
+        f"(SELECT time, kind, {_SUBJECT} AS subject, {_DETAIL} AS detail, {_EXTRA} AS extra, "
+        f"host, platform, username, kernel, notebook FROM {SCHEMA}.ledger_records {where} "
+        "OFFSET 0) AS r"  # a fence: each row's columns are read out once, not once per set
+    )
+    groups = (
+        f"SELECT {cols}, notebook, min(time), max(time), count(*), GROUPING(notebook) "
+        f"FROM {src} GROUP BY GROUPING SETS (({cols}), (notebook))"
+    )
+    per_tool = "kind IN ('ai_ml_import', 'kernel_started')"
+    distinct = f"""SELECT g, kind, subject, d2, e2, count(k2), count(nb2), count(k3),
+        count(k3) FILTER (WHERE st)
+    FROM (SELECT GROUPING(k2, nb2, k3) AS g, kind, subject, d2, e2, k2, nb2, k3,
+                 bool_or(st) AS st
+          FROM (SELECT kind, subject,
+                       CASE WHEN {per_tool} THEN NULL ELSE detail END AS d2,
+                       CASE WHEN {per_tool} THEN NULL ELSE extra END AS e2,
+                       nullif(kernel, '') AS k2, nullif(notebook, '') AS nb2,
+                       CASE WHEN {per_tool} THEN nullif(kernel, '') END AS k3,
+                       kind = 'kernel_started' AS st
+                FROM {src} WHERE kind IN ({_REPORT_KINDS})) AS i
+          GROUP BY GROUPING SETS ((kind, subject, d2, e2, k2), (kind, subject, d2, e2, nb2),
+                                  (k3))) AS s
+    GROUP BY g, kind, subject, d2, e2"""
+    return groups, distinct
+
+
+def _tune(conn: Any) -> None:
+    """Hash the groups in memory (the default 4 MB spills a million rows to disk); no JIT,
+    whose compile time exceeds what it saves on these queries."""
+    conn.execute("SELECT set_config('work_mem', '256MB', true), set_config('jit', 'off', true)")
+
+
+_SUBMIT_CALL = f"CALL {SCHEMA}.submit(%s::text[], %s::text[])"
+
+
+def _text_array(items: list[str]) -> str:
+    """A text[] literal: a tenth of what psycopg's general list adapter costs per append."""
+    return (
+        "{"
+        + ",".join('"' + item.replace("\\", "\\\\").replace('"', '\\"') + '"' for item in items)
+        + "}"
+    )
+
+
 def _columns(batch: list[dict[str, Any]]) -> tuple[list[str], list[str]]:
     return [p["head"] for p in batch], [p["time"] for p in batch]
 
@@ -899,6 +1090,46 @@ _RANGE_SQL = f"""SELECT min(seq) FROM (
     hash IS DISTINCT FROM encode(sha256(convert_to(prev || E'\\n' || body, 'UTF8')), 'hex')
     OR prev IS DISTINCT FROM coalesce(lh, CASE WHEN %(lo)s = 0 THEN %(genesis)s END)
     OR seq <> coalesce(ls, %(lo)s) + 1)"""
+
+
+# The expressions ``db init`` / ``db upgrade`` give the columns reports read.
+_GENERATED_EXPR = {
+    "time": f"{_J} ->> 'time'",
+    "kind": f"{_J} ->> 'kind'",
+    "username": f"{_J} -> 'context' ->> 'user'",
+    "host": f"{_J} -> 'context' ->> 'host'",
+    "platform": f"{_J} -> 'context' ->> 'platform'",
+    "kernel": f"{_J} -> 'context' ->> 'kernel_id'",
+    "notebook": f"{_J} -> 'context' ->> 'notebook'",
+    "data": f"{_J} -> 'data'",
+}
+
+
+def _normal_expr(expr: str) -> str:
+    """An expression as written here or as PostgreSQL prints it, in one comparable form."""
+    return re.sub(r"[\s()]|::text\b", "", expr)
+
+
+def _altered_columns(conn: Any) -> list[str]:
+    """Columns reports read that are gone, no longer generated, or computed differently.
+
+    They are generated from the body, so the owner cannot change them without changing
+    the hashed body — unless the table itself is altered (DROP EXPRESSION, a column
+    replaced by one computed another way), which this catches.
+    """
+    rows = conn.execute(
+        "SELECT a.attname, a.attgenerated, pg_get_expr(d.adbin, d.adrelid) FROM pg_attribute a "
+        "LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum "
+        "WHERE a.attrelid = %s::regclass AND a.attnum > 0 AND NOT a.attisdropped",
+        (f"{SCHEMA}.ledger_records",),
+    ).fetchall()
+    found = {name: (generated, expr) for name, generated, expr in rows}
+    return [
+        name
+        for name in _GENERATED
+        if found.get(name, ("", None))[0] != "s"
+        or _normal_expr(found[name][1] or "") != _normal_expr(_GENERATED_EXPR[name])
+    ]
 
 
 def _first_bad(conn: Any, lo: int, hi: int) -> int | None:
@@ -1100,19 +1331,36 @@ def db_init(
 
 
 def _grant(conn: Any, owner: str, writer: str) -> None:
+    """The writer may read and append, nothing else; grants on the objects of the schema's
+    version (``db init`` runs this on version 1 and again on a database already upgraded)."""
     w, o, s = _sql.Identifier(writer), _sql.Identifier(owner), _sql.Identifier(SCHEMA)
-    for stmt in (
+    statements = [
         "REVOKE ALL ON SCHEMA {s} FROM PUBLIC",
         "GRANT USAGE ON SCHEMA {s} TO {w}",
         "REVOKE ALL ON ALL TABLES IN SCHEMA {s} FROM PUBLIC, {w}",
         "GRANT SELECT, INSERT ON {s}.ledger_records TO {w}",
-        "GRANT SELECT, INSERT ON {s}.ledger_pending TO {w}",
-        "GRANT USAGE ON SEQUENCE {s}.ledger_pending_id_seq TO {w}",
         "GRANT SELECT ON {s}.ledger_meta TO {w}",
         "REVOKE ALL ON ALL FUNCTIONS IN SCHEMA {s} FROM PUBLIC",
         "GRANT EXECUTE ON FUNCTION {s}.append(text[], text[], boolean) TO {w}, {o}",
-        "GRANT EXECUTE ON FUNCTION {s}.chain(bigint[]) TO {w}, {o}",
-    ):
+    ]
+    exists = conn.execute(
+        "SELECT to_regclass(%s) IS NOT NULL, to_regprocedure(%s) IS NOT NULL",
+        (f"{SCHEMA}.ledger_pending", f"{SCHEMA}.submit(text[], text[], bigint[], text[], text[])"),
+    ).fetchone()
+    if exists[0]:  # version 1
+        statements += [
+            "GRANT SELECT, INSERT ON {s}.ledger_pending TO {w}",
+            "GRANT USAGE ON SEQUENCE {s}.ledger_pending_id_seq TO {w}",
+            "GRANT EXECUTE ON FUNCTION {s}.chain(bigint[]) TO {w}, {o}",
+        ]
+    if exists[1]:  # version 2 on
+        statements += [
+            "REVOKE ALL ON PROCEDURE {s}.submit(text[], text[], bigint[], text[], text[]) "
+            "FROM PUBLIC",
+            "GRANT EXECUTE ON PROCEDURE {s}.submit(text[], text[], bigint[], text[], text[]) "
+            "TO {w}, {o}",
+        ]
+    for stmt in statements:
         conn.execute(_sql.SQL(stmt).format(s=s, w=w, o=o))
 
 

@@ -17,7 +17,7 @@ import pytest
 from pg_server import ADMIN_PASSWORD, WRITER_PASSWORD, free_port
 
 from jupyter_dua_guard import ledger_pg
-from jupyter_dua_guard.ledger import LedgerError, open_ledger, redact_url
+from jupyter_dua_guard.ledger import Ledger, LedgerError, open_ledger, redact_url
 from jupyter_dua_guard.report import build_report, render_csv, render_html
 
 TOOL = {"name": "torch", "distribution": "torch", "version": "2.4.1", "category": "deep-learning"}
@@ -256,8 +256,10 @@ def test_many_writers_on_two_hosts_total_gap_free_order(pg_ledger):
         "CREATE TABLE dua_guard.extra (x int)",
         "CREATE TABLE public.extra (x int)",
         "UPDATE dua_guard.ledger_meta SET value = '0' WHERE key = 'schema_version'",
-        "DELETE FROM dua_guard.ledger_pending",
-        "ALTER FUNCTION dua_guard.chain(bigint[]) SECURITY INVOKER",
+        "ALTER PROCEDURE dua_guard.submit(text[], text[], bigint[], text[], text[]) "
+        "SECURITY DEFINER",
+        "DROP PROCEDURE dua_guard.submit(text[], text[], bigint[], text[], text[])",
+        "ALTER FUNCTION dua_guard.append(text[], text[], boolean) SECURITY INVOKER",
     ],
 )
 def test_writer_cannot_change_or_remove_records(pg_ledger, statement):
@@ -303,6 +305,37 @@ def test_verify_detects_owner_tampering(pg_ledger):
         assert proc.returncode == 1 and "record 4" in proc.stdout
 
 
+@pytest.mark.parametrize(
+    "change",
+    [
+        # a report column cut loose from the body, then edited with the protection off
+        [
+            "ALTER TABLE dua_guard.ledger_records ALTER COLUMN kind DROP EXPRESSION",
+            "ALTER TABLE dua_guard.ledger_records DISABLE TRIGGER ledger_records_append_only",
+            "UPDATE dua_guard.ledger_records SET kind = 'data_read' WHERE seq = 2",
+            "ALTER TABLE dua_guard.ledger_records ENABLE TRIGGER ledger_records_append_only",
+        ],
+        # a report column recomputed another way for every record
+        [
+            "ALTER TABLE dua_guard.ledger_records DROP COLUMN host",
+            "ALTER TABLE dua_guard.ledger_records ADD COLUMN host text GENERATED ALWAYS AS "
+            "(CASE WHEN seq = 2 THEN 'elsewhere' ELSE (body::jsonb) -> 'context' ->> 'host' END) "
+            "STORED",
+        ],
+    ],
+)
+def test_verify_detects_owner_changing_report_columns(pg_ledger, change):
+    """Reports read generated columns; an owner who alters the table to change what they
+    say (leaving the hashed bodies alone) is caught by verify and the report."""
+    fill(pg_ledger.writer, 3)
+    for statement in change:
+        sql(pg_ledger.owner, statement)
+    with open_ledger(pg_ledger.writer) as ledger:
+        result = ledger.verify()
+        assert not result.ok and "no longer generated" in result.problem
+        assert not build_report(ledger)["verification"]["ok"]
+
+
 def test_verify_detects_owner_deletion_and_truncation(pg_ledger):
     records = fill(pg_ledger.writer, 8)
     pinned = f"8:{records[-1]['hash']}"
@@ -336,31 +369,82 @@ def test_db_init_cli_records_schema_version_and_is_idempotent(pg_server):
     writer = pg_server.url("dua_guard_writer", "Cli-Writer-5", db)
     fill(writer, 1)
     status = cli("db", "status", "--ledger", writer)
-    assert status.returncode == 0 and "schema version 1" in status.stdout
+    assert status.returncode == 0
+    assert f"schema version {ledger_pg.SCHEMA_VERSION}" in status.stdout
     upgrade = cli("db", "upgrade", "--ledger", pg_server.url(db=db))
     assert upgrade.returncode == 0 and "nothing to upgrade" in upgrade.stdout
     bad = cli("db", "init", "--ledger", "sqlite:////tmp/x.sqlite")
     assert bad.returncode == 2 and "PostgreSQL" in bad.stderr
 
 
+def test_version_1_ledger_upgrades_with_its_records_and_queued_events(pg_server, monkeypatch):
+    """A ledger written by version 1 (with an event still queued for chaining) upgrades in
+    place: same chain, the queued event chained once, reports and appends work after."""
+    db = pg_server.create_database()
+    admin = pg_server.url(db=db)
+    with monkeypatch.context() as m:
+        m.setattr(ledger_pg, "SCHEMA_VERSION", 1)
+        m.setattr(ledger_pg, "MIGRATIONS", {})
+        ledger_pg.db_init(admin, writer_password=WRITER_PASSWORD)
+    writer = pg_server.url("dua_guard_writer", WRITER_PASSWORD, db)
+    events = [
+        Ledger._prepare("ai_ml_import", {**TOOL, "version": f"1.{i}"}, {"kernel_id": f"k{i % 2}"})
+        for i in range(5)
+    ]
+    sql(
+        writer,
+        "SELECT count(*) FROM dua_guard.append(%s, %s, false)",
+        ([e["head"] for e in events[:4]], [e["time"] for e in events[:4]]),
+    )
+    sql(
+        writer,
+        "INSERT INTO dua_guard.ledger_pending (head, time) VALUES (%s, %s)",
+        (events[4]["head"], events[4]["time"]),
+    )
+    with pytest.raises(LedgerError, match="db upgrade"):
+        open_ledger(writer)
+    done = ledger_pg.db_upgrade(admin)
+    assert done == [f"schema dua_guard upgraded to version {ledger_pg.SCHEMA_VERSION}"]
+    with open_ledger(writer) as ledger:
+        assert [r["data"]["version"] for r in ledger.records()] == [f"1.{i}" for i in range(5)]
+        assert ledger.verify().ok
+        ledger.append("ai_ml_import", {**TOOL, "version": "2.0"}, {"kernel_id": "k9"})
+        result = ledger.verify()
+        assert result.ok and result.records == 6
+        usage = ledger.aggregate()
+        assert sum(g["count"] for g in usage["groups"]) == 6 and usage["kernels"] == 3
+        torch = [d for d in usage["distinct"] if d["subject"] == "torch"]
+        assert torch == [
+            {"kind": "ai_ml_import", "subject": "torch", "detail": None, "extra": None,
+             "kernels": 3, "notebooks": 0}
+        ]  # fmt: skip
+    assert sql(admin, "SELECT to_regclass('dua_guard.ledger_pending')") == [(None,)]
+
+
 def test_db_upgrade_applies_migrations_in_order(pg_ledger, monkeypatch):
     fill(pg_ledger.writer, 2)
-    monkeypatch.setattr(ledger_pg, "SCHEMA_VERSION", 2)
+    current = ledger_pg.SCHEMA_VERSION
+    monkeypatch.setattr(ledger_pg, "SCHEMA_VERSION", current + 1)
     monkeypatch.setattr(
         ledger_pg,
         "MIGRATIONS",
-        {2: ["CREATE INDEX ledger_records_user ON dua_guard.ledger_records (username)"]},
+        {
+            **ledger_pg.MIGRATIONS,
+            current + 1: [
+                "CREATE INDEX ledger_records_user ON dua_guard.ledger_records (username, time)"
+            ],
+        },
     )
     with pytest.raises(LedgerError, match="db upgrade"):
         open_ledger(pg_ledger.writer)
     done = ledger_pg.db_upgrade(pg_ledger.admin)
-    assert done == ["schema dua_guard upgraded to version 2"]
+    assert done == [f"schema dua_guard upgraded to version {current + 1}"]
     assert sql(pg_ledger.admin, "SELECT to_regclass('dua_guard.ledger_records_user')::text") == [
         ("dua_guard.ledger_records_user",)
     ]
     with open_ledger(pg_ledger.writer) as ledger:
         assert ledger.verify().ok and ledger.count() == 2
-    monkeypatch.setattr(ledger_pg, "SCHEMA_VERSION", 1)
+    monkeypatch.setattr(ledger_pg, "SCHEMA_VERSION", current)
     with pytest.raises(LedgerError, match="upgrade jupyter-dua-guard"):
         open_ledger(pg_ledger.writer)
 
