@@ -527,11 +527,11 @@ def test_reflushing_a_spool_never_duplicates(pg_ledger, tmp_path):
     assert not list(spool.rglob("spool-*"))
 
 
-def _steady_writer(url: str, wid: int, n: int, out) -> None:
+def _steady_writer(url: str, wid: int, n: int, out, pause: float = 0.01) -> None:
     ledger = open_ledger(url)
     for i in range(n):
         ledger.append("ai_ml_import", {**TOOL, "version": f"{wid}.{i}"}, {"kernel_id": f"w{wid}"})
-        time.sleep(0.01)
+        time.sleep(pause)
     out.put((wid, ledger.spooled()))
     ledger.close()
 
@@ -543,15 +543,18 @@ def test_database_stopped_mid_run_then_restarted(pg_ledger, mode):
     url = pg_ledger.writer + "&retry=0.5&connect_timeout=2"
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
-    n, writers = 250, 4
-    procs = [ctx.Process(target=_steady_writer, args=(url, w, n, out)) for w in range(writers)]
+    # a crash is tested at full speed, so that many appends are in flight when it comes
+    n, writers, pause = (250, 4, 0.01) if mode == "fast" else (300, 8, 0.0)
+    procs = [
+        ctx.Process(target=_steady_writer, args=(url, w, n, out, pause)) for w in range(writers)
+    ]
     for p in procs:
         p.start()
     with open_ledger(pg_ledger.writer) as probe:
         deadline = time.monotonic() + 60
-        while probe.count() < 100 and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert probe.count() >= 100
+        while probe.count() < 100 * writers // 4 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert probe.count() >= 100 * writers // 4
     pg_ledger.server.stop(mode)
     time.sleep(2.5)
     spooled_during = list(pg_ledger.spool.rglob("spool-*.sqlite"))
