@@ -1,8 +1,8 @@
 """The records package for an NIH request (DUA sec. 22), built from the ledger.
 
-It aggregates in the database (one grouped pass over an index) so that a ledger of a
-million events reports in about a second, then closes with the chain's verification and
-head hash, which lets a later ``verify --head`` detect truncation.
+It aggregates in the database (grouped passes over the report index, beside the chain's
+verification) rather than reading events one by one, then closes with the verification
+result and head hash, which lets a later ``verify --head`` detect truncation.
 """
 
 from __future__ import annotations
