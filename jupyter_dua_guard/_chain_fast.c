@@ -12,6 +12,8 @@
 #include <Python.h>
 #include <openssl/sha.h>
 #include <sqlite3.h>
+#include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #define HASH_HEX 64
@@ -66,20 +68,24 @@ static void scan_range(const char *path, int timeout_ms, sqlite3_int64 after,
     sqlite3_bind_int64(stmt, 2, top);
     st->ok = 1;
     while ((rc = sqlite3_step(stmt)) == SQLITE_ROW) {
-        sqlite3_int64 seq = sqlite3_column_int64(stmt, 0);
-        if (sqlite3_column_type(stmt, 0) != SQLITE_INTEGER || seq != st->last_seq + 1 ||
-            sqlite3_column_type(stmt, 1) != SQLITE_TEXT ||
-            sqlite3_column_type(stmt, 2) != SQLITE_TEXT ||
-            sqlite3_column_type(stmt, 3) != SQLITE_TEXT) {
+        /* sqlite3_value_* on each column's value skip the statement checks that every
+         * sqlite3_column_* call repeats (the connection belongs to this thread alone) */
+        sqlite3_value *v_seq = sqlite3_column_value(stmt, 0), *v_prev = sqlite3_column_value(stmt, 1),
+                      *v_hash = sqlite3_column_value(stmt, 2), *v_body = sqlite3_column_value(stmt, 3);
+        sqlite3_int64 seq = sqlite3_value_int64(v_seq);
+        if (sqlite3_value_type(v_seq) != SQLITE_INTEGER || seq != st->last_seq + 1 ||
+            sqlite3_value_type(v_prev) != SQLITE_TEXT ||
+            sqlite3_value_type(v_hash) != SQLITE_TEXT ||
+            sqlite3_value_type(v_body) != SQLITE_TEXT) {
             st->ok = 0;
             break;
         }
-        const unsigned char *prev = sqlite3_column_text(stmt, 1);
-        int prev_len = sqlite3_column_bytes(stmt, 1);
-        const unsigned char *hash = sqlite3_column_text(stmt, 2);
-        int hash_len = sqlite3_column_bytes(stmt, 2);
-        const unsigned char *body = sqlite3_column_text(stmt, 3);
-        int body_len = sqlite3_column_bytes(stmt, 3);
+        const unsigned char *prev = sqlite3_value_text(v_prev);
+        int prev_len = sqlite3_value_bytes(v_prev);
+        const unsigned char *hash = sqlite3_value_text(v_hash);
+        int hash_len = sqlite3_value_bytes(v_hash);
+        const unsigned char *body = sqlite3_value_text(v_body);
+        int body_len = sqlite3_value_bytes(v_body);
         if (prev_len != HASH_HEX || hash_len != HASH_HEX ||
             memcmp(prev, st->last_hash, HASH_HEX) != 0) {
             st->ok = 0;
@@ -117,6 +123,670 @@ done:
     sqlite3_close(db);
 }
 
+/* ------------------------------------------------------------------ report tallies
+ * Values are kept in SQLite's terms, a type tag and the bytes, so that 443 and '443' stay
+ * apart as they do in SQL and keys made of several columns never run into each other. */
+
+#define TAG_NULL 'N'
+#define TAG_INT 'I'
+#define TAG_REAL 'F'
+#define TAG_TEXT 'T'
+#define TAG_BLOB 'B'
+
+typedef struct {
+    char *p;
+    size_t n, cap;
+} buf_t;
+
+static inline int buf_put(buf_t *b, const void *data, size_t len)
+{
+    if (b->n + len > b->cap) {
+        size_t cap = b->cap ? b->cap : 4096;
+        while (cap < b->n + len)
+            cap *= 2;
+        char *p = realloc(b->p, cap);
+        if (p == NULL)
+            return -1;
+        b->p = p;
+        b->cap = cap;
+    }
+    memcpy(b->p + b->n, data, len);
+    b->n += len;
+    return 0;
+}
+
+/* Append column `col` of the current row to `b` as tag + payload. The column's value is
+ * fetched once and read with the sqlite3_value_* calls, which skip the per-call statement
+ * checks of sqlite3_column_* (the connection belongs to this thread alone). */
+static int enc_column(buf_t *b, sqlite3_stmt *stmt, int col)
+{
+    sqlite3_value *value = sqlite3_column_value(stmt, col);
+    char tag;
+    switch (sqlite3_value_type(value)) {
+    case SQLITE_NULL:
+        tag = TAG_NULL;
+        return buf_put(b, &tag, 1);
+    case SQLITE_INTEGER: {
+        sqlite3_int64 v = sqlite3_value_int64(value);
+        tag = TAG_INT;
+        return buf_put(b, &tag, 1) || buf_put(b, &v, sizeof v);
+    }
+    case SQLITE_FLOAT: {
+        double v = sqlite3_value_double(value);
+        tag = TAG_REAL;
+        return buf_put(b, &tag, 1) || buf_put(b, &v, sizeof v);
+    }
+    case SQLITE_BLOB: {
+        const void *v = sqlite3_value_blob(value);
+        uint32_t n = (uint32_t)sqlite3_value_bytes(value);
+        tag = TAG_BLOB;
+        return buf_put(b, &tag, 1) || buf_put(b, &n, sizeof n) || buf_put(b, v, n);
+    }
+    default: {
+        const void *v = sqlite3_value_text(value);
+        uint32_t n = (uint32_t)sqlite3_value_bytes(value);
+        tag = TAG_TEXT;
+        return buf_put(b, &tag, 1) || buf_put(b, &n, sizeof n) || buf_put(b, v, n);
+    }
+    }
+}
+
+/* Length of one encoded value starting at p. */
+static size_t enc_len(const char *p)
+{
+    switch (p[0]) {
+    case TAG_INT:
+    case TAG_REAL:
+        return 9;
+    case TAG_TEXT:
+    case TAG_BLOB: {
+        uint32_t n;
+        memcpy(&n, p + 1, sizeof n);
+        return 5 + n;
+    }
+    default:
+        return 1;
+    }
+}
+
+/* SQLite's order for min()/max(): NULL < numbers < text (BINARY) < blobs. */
+static int enc_cmp(const char *a, const char *b)
+{
+    static const int rank[256] = {[TAG_NULL] = 0, [TAG_INT] = 1, [TAG_REAL] = 1,
+                                  [TAG_TEXT] = 2, [TAG_BLOB] = 3};
+    int ra = rank[(unsigned char)a[0]], rb = rank[(unsigned char)b[0]];
+    if (ra != rb)
+        return ra < rb ? -1 : 1;
+    if (ra == 1) {
+        double x, y;
+        if (a[0] == TAG_INT) {
+            sqlite3_int64 v;
+            memcpy(&v, a + 1, 8);
+            x = (double)v;
+        } else
+            memcpy(&x, a + 1, 8);
+        if (b[0] == TAG_INT) {
+            sqlite3_int64 v;
+            memcpy(&v, b + 1, 8);
+            y = (double)v;
+        } else
+            memcpy(&y, b + 1, 8);
+        return x < y ? -1 : x > y;
+    }
+    if (ra >= 2) {
+        uint32_t na, nb;
+        memcpy(&na, a + 1, 4);
+        memcpy(&nb, b + 1, 4);
+        int c = memcmp(a + 5, b + 5, na < nb ? na : nb);
+        return c ? c : (na < nb ? -1 : na > nb);
+    }
+    return 0;
+}
+
+static PyObject *enc_to_python(const char *p)
+{
+    switch (p[0]) {
+    case TAG_INT: {
+        sqlite3_int64 v;
+        memcpy(&v, p + 1, 8);
+        return PyLong_FromLongLong(v);
+    }
+    case TAG_REAL: {
+        double v;
+        memcpy(&v, p + 1, 8);
+        return PyFloat_FromDouble(v);
+    }
+    case TAG_TEXT:
+    case TAG_BLOB: {
+        uint32_t n;
+        memcpy(&n, p + 1, 4);
+        if (p[0] == TAG_BLOB)
+            return PyBytes_FromStringAndSize(p + 5, n);
+        return PyUnicode_DecodeUTF8(p + 5, n, "replace");
+    }
+    default:
+        Py_RETURN_NONE;
+    }
+}
+
+static uint64_t mix64(uint64_t h)
+{
+    h ^= h >> 33;
+    h *= 0xff51afd7ed558ccdULL;
+    h ^= h >> 33;
+    h *= 0xc4ceb9fe1a85ec53ULL;
+    return h ^ (h >> 33);
+}
+
+static uint64_t hash_bytes(const char *p, size_t n)
+{
+    uint64_t h = 0x9e3779b97f4a7c15ULL ^ n;
+    while (n >= 8) {
+        uint64_t v;
+        memcpy(&v, p, 8);
+        h = (h ^ v) * 0x100000001b3ULL;
+        h ^= h >> 31;
+        p += 8;
+        n -= 8;
+    }
+    uint64_t v = 0;
+    memcpy(&v, p, n);
+    return mix64(h ^ v);
+}
+
+/* A distinct-set member: not NULL and not the empty string (as ledger.py's `values`). */
+static int countable(const char *enc)
+{
+    return !(enc[0] == TAG_NULL || (enc[0] == TAG_TEXT && enc_len(enc) == 5));
+}
+
+
+/* A set of encoded values, emptied in O(1) by moving to a new generation: a slot of an
+ * older generation counts as empty. */
+typedef struct {
+    uint64_t hash;
+    size_t off;
+    uint32_t len;
+    uint32_t gen;
+} slot_t;
+
+typedef struct {
+    slot_t *slots;
+    size_t mask;
+    size_t count;
+    uint32_t gen;
+    buf_t keys;
+} vset_t;
+
+static void vset_clear(vset_t *s)
+{
+    s->gen++;
+    s->count = 0;
+    s->keys.n = 0;
+}
+
+static int vset_grow(vset_t *s)
+{
+    size_t size = s->slots ? (s->mask + 1) * 2 : 256;
+    slot_t *slots = calloc(size, sizeof *slots);
+    if (slots == NULL)
+        return -1;
+    for (size_t i = 0; s->slots && i <= s->mask; i++) {
+        if (s->slots[i].gen != s->gen)
+            continue;
+        size_t j = s->slots[i].hash & (size - 1);
+        while (slots[j].gen == s->gen)
+            j = (j + 1) & (size - 1);
+        slots[j] = s->slots[i];
+    }
+    free(s->slots);
+    s->slots = slots;
+    s->mask = size - 1;
+    return 0;
+}
+
+/* Add an encoded value: returns its slot, *added = 1 when new, NULL when out of memory. */
+static slot_t *vset_add(vset_t *s, const char *v, uint32_t n, int *added)
+{
+    *added = 0;
+    if (s->gen == 0)
+        s->gen = 1;
+    if (s->slots == NULL || (s->count + 1) * 2 > s->mask + 1) {
+        if (vset_grow(s))
+            return NULL;
+    }
+    uint64_t h = hash_bytes(v, n);
+    size_t j = h & s->mask;
+    while (s->slots[j].gen == s->gen) {
+        slot_t *t = &s->slots[j];
+        if (t->hash == h && t->len == n && memcmp(s->keys.p + t->off, v, n) == 0)
+            return t;
+        j = (j + 1) & s->mask;
+    }
+    slot_t *t = &s->slots[j];
+    t->hash = h;
+    t->off = s->keys.n;
+    t->len = n;
+    t->gen = s->gen;
+    if (buf_put(&s->keys, v, n))
+        return NULL;
+    s->count++;
+    *added = 1;
+    return t;
+}
+
+/* Which distinct counts a kind feeds, as the SQL fallback in ledger.py: AI/ML tools and
+ * kernel starts per (kind, subject); the other listed kinds per (kind, subject, detail,
+ * extra). */
+enum { KIND_NONE, KIND_TOOL, KIND_STARTED, KIND_OTHER };
+
+static int kind_class(const char *enc)
+{
+    static const char *others[] = {"egress_blocked", "egress_allowed_ai", "output_flagged",
+                                   "data_read", "model_artifact_written", "review_signed",
+                                   "guard_defaults_used", NULL};
+    if (enc[0] != TAG_TEXT)
+        return KIND_NONE;
+    uint32_t n;
+    memcpy(&n, enc + 1, 4);
+    const char *k = enc + 5;
+    if (n == 12 && memcmp(k, "ai_ml_import", 12) == 0)
+        return KIND_TOOL;
+    if (n == 14 && memcmp(k, "kernel_started", 14) == 0)
+        return KIND_STARTED;
+    for (int i = 0; others[i]; i++)
+        if (n == strlen(others[i]) && memcmp(k, others[i], n) == 0)
+            return KIND_OTHER;
+    return KIND_NONE;
+}
+
+typedef struct {
+    buf_t row;       /* the current row, encoded */
+    buf_t group;     /* key of the open group, then its first and last time */
+    size_t group_key; /* length of that key; 0: no open group */
+    sqlite3_int64 group_count;
+    buf_t first, last;
+    buf_t groups;    /* finished groups: key, first, last, i64 count */
+    buf_t run;       /* key of the open distinct run */
+    int run_open;
+    buf_t seen;      /* kernel and notebook of the run's previous row: sorted within a group,
+                        so repeats come together and need no lookup */
+    uint32_t seen_kernel; /* length of the kernel part of `seen` */
+    buf_t distinct;  /* finished runs: u32 key length, key, i64 kernels, i64 notebooks */
+    vset_t run_kernels, run_notebooks, kernels, started, notebooks;
+    int rc;
+    char errmsg[256];
+} tally_t;
+
+static void tally_free(tally_t *t)
+{
+    buf_t *bufs[] = {&t->row, &t->group, &t->first, &t->last, &t->groups, &t->run,
+                     &t->distinct, &t->seen};
+    for (size_t i = 0; i < sizeof bufs / sizeof *bufs; i++)
+        free(bufs[i]->p);
+    vset_t *sets[] = {&t->run_kernels, &t->run_notebooks, &t->kernels, &t->started,
+                      &t->notebooks};
+    for (size_t i = 0; i < sizeof sets / sizeof *sets; i++) {
+        free(sets[i]->slots);
+        free(sets[i]->keys.p);
+    }
+}
+
+static int put_time(buf_t *b, const char *enc, int later)
+{
+    if (b->n && (later ? enc_cmp(enc, b->p) <= 0 : enc_cmp(enc, b->p) >= 0))
+        return 0;
+    b->n = 0;
+    return buf_put(b, enc, enc_len(enc));
+}
+
+static int close_group(tally_t *t)
+{
+    static const char null = TAG_NULL;
+    if (!t->group_key)
+        return 0;
+    int rc = buf_put(&t->groups, t->group.p, t->group_key) ||
+             (t->first.n ? buf_put(&t->groups, t->first.p, t->first.n)
+                         : buf_put(&t->groups, &null, 1)) ||
+             (t->last.n ? buf_put(&t->groups, t->last.p, t->last.n)
+                        : buf_put(&t->groups, &null, 1)) ||
+             buf_put(&t->groups, &t->group_count, sizeof t->group_count);
+    t->group_key = 0;
+    return rc ? -1 : 0;
+}
+
+static int close_run(tally_t *t)
+{
+    if (!t->run_open)
+        return 0;
+    uint32_t n = (uint32_t)t->run.n;
+    sqlite3_int64 k = (sqlite3_int64)t->run_kernels.count;
+    sqlite3_int64 nb = (sqlite3_int64)t->run_notebooks.count;
+    t->run_open = 0;
+    vset_clear(&t->run_kernels);
+    vset_clear(&t->run_notebooks);
+    return (buf_put(&t->distinct, &n, sizeof n) || buf_put(&t->distinct, t->run.p, n) ||
+            buf_put(&t->distinct, &k, sizeof k) || buf_put(&t->distinct, &nb, sizeof nb))
+               ? -1
+               : 0;
+}
+
+/* Columns of the tally query, in this order, sorted by the first seven. */
+enum { T_KIND, T_SUBJECT, T_DETAIL, T_EXTRA, T_HOST, T_PLATFORM, T_USER, T_KERNEL, T_NOTEBOOK,
+       T_TIME, T_END };
+
+static int tally_row(tally_t *t, sqlite3_stmt *stmt)
+{
+    size_t at[T_END + 1];
+    buf_t *r = &t->row;
+    r->n = 0;
+    for (int col = 0; col < T_END; col++) {
+        at[col] = r->n;
+        if (enc_column(r, stmt, col))
+            return -1;
+    }
+    at[T_END] = r->n;
+    const char *p = r->p;
+    /* groups arrive one after another: no lookup, just "same key as the last row?" */
+    size_t key = at[T_KERNEL];
+    if (!t->group_key || t->group_key != key || memcmp(t->group.p, p, key) != 0) {
+        if (close_group(t))
+            return -1;
+        t->group.n = t->first.n = t->last.n = 0;
+        if (buf_put(&t->group, p, key))
+            return -1;
+        t->group_key = key;
+        t->group_count = 0;
+    }
+    t->group_count++;
+    const char *time = p + at[T_TIME];
+    if (time[0] != TAG_NULL && (put_time(&t->first, time, 0) || put_time(&t->last, time, 1)))
+        return -1;
+
+    int cls = kind_class(p);
+    size_t run = cls == KIND_OTHER ? at[T_HOST] : at[T_DETAIL];
+    if (cls == KIND_NONE) {
+        return close_run(t);
+    }
+    if (!t->run_open || t->run.n != run || memcmp(t->run.p, p, run) != 0) {
+        if (close_run(t))
+            return -1;
+        t->run.n = 0;
+        if (buf_put(&t->run, p, run))
+            return -1;
+        t->run_open = 1;
+        t->seen.n = t->seen_kernel = 0;
+    }
+    int added;
+    const char *kernel = p + at[T_KERNEL], *notebook = p + at[T_NOTEBOOK];
+    uint32_t kernel_n = (uint32_t)(at[T_NOTEBOOK] - at[T_KERNEL]);
+    uint32_t notebook_n = (uint32_t)(at[T_TIME] - at[T_NOTEBOOK]);
+    int same_kernel = t->seen_kernel == kernel_n && memcmp(t->seen.p, kernel, kernel_n) == 0;
+    int same_notebook = t->seen.n - t->seen_kernel == notebook_n &&
+                        memcmp(t->seen.p + t->seen_kernel, notebook, notebook_n) == 0;
+    if (!(same_kernel && same_notebook)) {
+        t->seen.n = 0;
+        if (buf_put(&t->seen, kernel, kernel_n + notebook_n))
+            return -1;
+        t->seen_kernel = kernel_n;
+    }
+    /* a value already counted in this run is already in the overall sets too */
+    if (!same_kernel && countable(kernel)) {
+        int fresh;
+        if (!vset_add(&t->run_kernels, kernel, kernel_n, &fresh))
+            return -1;
+        if (fresh && cls != KIND_OTHER && !vset_add(&t->kernels, kernel, kernel_n, &added))
+            return -1;
+        if (fresh && cls == KIND_STARTED && !vset_add(&t->started, kernel, kernel_n, &added))
+            return -1;
+    }
+    if (!same_notebook && countable(notebook)) {
+        if (!vset_add(&t->run_notebooks, notebook, notebook_n, &added))
+            return -1;
+        if (added && !vset_add(&t->notebooks, notebook, notebook_n, &added))
+            return -1;
+    }
+    return 0;
+}
+
+typedef struct {
+    int type; /* SQLITE_INTEGER, SQLITE_FLOAT, SQLITE_TEXT or SQLITE_NULL */
+    sqlite3_int64 i;
+    double d;
+    const char *s; /* UTF-8 kept alive by the caller's str objects */
+    Py_ssize_t n;
+} bind_t;
+
+static void tally_run(const char *path, int timeout_ms, const char *sql, const bind_t *binds,
+                      int nbinds, tally_t *t)
+{
+    sqlite3 *db = NULL;
+    sqlite3_stmt *stmt = NULL;
+    int rc = sqlite3_open_v2(path, &db, SQLITE_OPEN_READONLY | SQLITE_OPEN_NOMUTEX, NULL);
+    if (rc != SQLITE_OK)
+        goto fail;
+    sqlite3_busy_timeout(db, timeout_ms);
+    sqlite3_exec(db, "PRAGMA mmap_size = 1073741824", NULL, NULL, NULL);
+    rc = sqlite3_prepare_v2(db, sql, -1, &stmt, NULL);
+    if (rc != SQLITE_OK)
+        goto fail;
+    if (sqlite3_column_count(stmt) != T_END) {
+        rc = SQLITE_MISUSE;
+        snprintf(t->errmsg, sizeof t->errmsg, "the tally query must return %d columns", T_END);
+        t->rc = rc;
+        goto done;
+    }
+    for (int i = 0; i < nbinds; i++) {
+        const bind_t *b = &binds[i];
+        if (b->type == SQLITE_INTEGER)
+            rc = sqlite3_bind_int64(stmt, i + 1, b->i);
+        else if (b->type == SQLITE_FLOAT)
+            rc = sqlite3_bind_double(stmt, i + 1, b->d);
+        else if (b->type == SQLITE_TEXT)
+            rc = sqlite3_bind_text(stmt, i + 1, b->s, (int)b->n, SQLITE_STATIC);
+        else
+            rc = sqlite3_bind_null(stmt, i + 1);
+        if (rc != SQLITE_OK)
+            goto fail;
+    }
+    while ((rc = sqlite3_step(stmt)) == SQLITE_ROW) {
+        if (tally_row(t, stmt)) {
+            t->rc = SQLITE_NOMEM;
+            snprintf(t->errmsg, sizeof t->errmsg, "out of memory");
+            goto done;
+        }
+    }
+    if (rc != SQLITE_DONE)
+        goto fail;
+    if (close_group(t) || close_run(t)) {
+        t->rc = SQLITE_NOMEM;
+        snprintf(t->errmsg, sizeof t->errmsg, "out of memory");
+    }
+    goto done;
+fail:
+    t->rc = rc ? rc : SQLITE_ERROR;
+    snprintf(t->errmsg, sizeof t->errmsg, "%s", db ? sqlite3_errmsg(db) : sqlite3_errstr(rc));
+done:
+    sqlite3_finalize(stmt);
+    sqlite3_close(db);
+}
+
+/* A tuple of `size` items, the first `want` of them encoded values read from *p onwards
+ * (advancing *p); the caller fills the rest. */
+static PyObject *decode_values(const char **p, int want, int size)
+{
+    PyObject *tuple = PyTuple_New(size);
+    if (tuple == NULL)
+        return NULL;
+    for (int i = 0; i < want; i++) {
+        PyObject *v = enc_to_python(*p);
+        if (v == NULL) {
+            Py_DECREF(tuple);
+            return NULL;
+        }
+        *p += enc_len(*p);
+        PyTuple_SET_ITEM(tuple, i, v);
+    }
+    return tuple;
+}
+
+/* The values of a set, as a list. */
+static PyObject *vset_list(vset_t *s)
+{
+    PyObject *list = PyList_New(0);
+    for (size_t j = 0; list && s->slots && j <= s->mask; j++) {
+        if (s->slots[j].gen != s->gen)
+            continue;
+        PyObject *v = enc_to_python(s->keys.p + s->slots[j].off);
+        if (v == NULL || PyList_Append(list, v))
+            Py_CLEAR(list);
+        Py_XDECREF(v);
+    }
+    return list;
+}
+
+static PyObject *tally_result(tally_t *t)
+{
+    PyObject *groups = PyList_New(0), *distinct = PyList_New(0);
+    PyObject *kernels = NULL, *started = NULL, *notebooks = NULL, *out = NULL;
+    if (groups == NULL || distinct == NULL)
+        goto done;
+    for (const char *p = t->groups.p, *end = p + t->groups.n; p < end;) {
+        PyObject *row = decode_values(&p, 9, 10); /* seven key columns, first, last, count */
+        if (row == NULL)
+            goto done;
+        sqlite3_int64 count;
+        memcpy(&count, p, sizeof count);
+        p += sizeof count;
+        PyObject *n = PyLong_FromLongLong(count);
+        if (n == NULL) {
+            Py_DECREF(row);
+            goto done;
+        }
+        PyTuple_SET_ITEM(row, 9, n);
+        if (PyList_Append(groups, row)) {
+            Py_DECREF(row);
+            goto done;
+        }
+        Py_DECREF(row);
+    }
+    for (const char *p = t->distinct.p, *end = p + t->distinct.n; p < end;) {
+        uint32_t len;
+        memcpy(&len, p, sizeof len);
+        p += sizeof len;
+        const char *key_end = p + len;
+        PyObject *vals[4] = {NULL, NULL, NULL, NULL};
+        int i = 0, bad = 0;
+        for (; i < 4; i++) {
+            if (p < key_end) {
+                vals[i] = enc_to_python(p);
+                p += enc_len(p);
+            } else {
+                Py_INCREF(Py_None);
+                vals[i] = Py_None;
+            }
+            bad |= vals[i] == NULL;
+        }
+        sqlite3_int64 k, nb;
+        memcpy(&k, p, sizeof k);
+        memcpy(&nb, p + sizeof k, sizeof nb);
+        p += sizeof k + sizeof nb;
+        PyObject *row = bad ? NULL
+                            : Py_BuildValue("(OOOOLL)", vals[0], vals[1], vals[2], vals[3],
+                                            (long long)k, (long long)nb);
+        for (i = 0; i < 4; i++)
+            Py_XDECREF(vals[i]);
+        if (row == NULL || PyList_Append(distinct, row)) {
+            Py_XDECREF(row);
+            goto done;
+        }
+        Py_DECREF(row);
+    }
+    kernels = vset_list(&t->kernels);
+    started = vset_list(&t->started);
+    notebooks = vset_list(&t->notebooks);
+    if (kernels && started && notebooks)
+        out = PyTuple_Pack(5, groups, distinct, kernels, started, notebooks);
+done:
+    Py_XDECREF(groups);
+    Py_XDECREF(distinct);
+    Py_XDECREF(kernels);
+    Py_XDECREF(started);
+    Py_XDECREF(notebooks);
+    return out;
+}
+
+PyDoc_STRVAR(tally_doc,
+             "tally(path, sql, params, timeout_ms) -> (groups, distinct, kernels, "
+             "kernels_started, notebooks)\n\n"
+             "Run sql (columns kind, subject, detail, extra, host, platform, user, kernel,\n"
+             "notebook, time, ordered by the first seven) and tally what a report shows:\n"
+             "groups (seven key columns, first, last, count), distinct kernels and notebooks\n"
+             "per tool or per other listed kind (kind, subject, detail, extra, kernels,\n"
+             "notebooks), and the lists of kernels that imported a tool or started, of those\n"
+             "that started, and of the notebooks seen. Rows of a group arrive together, so\n"
+             "only the sets need hashing; the GIL is released while rows are read.");
+
+static PyObject *tally(PyObject *self, PyObject *args)
+{
+    (void)self;
+    const char *path, *sql;
+    PyObject *params;
+    int timeout_ms;
+    if (!PyArg_ParseTuple(args, "ssOi", &path, &sql, &params, &timeout_ms))
+        return NULL;
+    PyObject *seq = PySequence_Fast(params, "params must be a sequence");
+    if (seq == NULL)
+        return NULL;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    bind_t *binds = calloc(n ? (size_t)n : 1, sizeof *binds);
+    if (binds == NULL) {
+        Py_DECREF(seq);
+        return PyErr_NoMemory();
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *v = PySequence_Fast_GET_ITEM(seq, i);
+        bind_t *b = &binds[i];
+        if (v == Py_None) {
+            b->type = SQLITE_NULL;
+        } else if (PyLong_Check(v)) {
+            b->type = SQLITE_INTEGER;
+            b->i = PyLong_AsLongLong(v);
+        } else if (PyFloat_Check(v)) {
+            b->type = SQLITE_FLOAT;
+            b->d = PyFloat_AsDouble(v);
+        } else if (PyUnicode_Check(v)) {
+            b->type = SQLITE_TEXT;
+            b->s = PyUnicode_AsUTF8AndSize(v, &b->n);
+        } else {
+            PyErr_Format(PyExc_TypeError, "cannot bind a %s", Py_TYPE(v)->tp_name);
+        }
+        if (PyErr_Occurred()) {
+            free(binds);
+            Py_DECREF(seq);
+            return NULL;
+        }
+    }
+    tally_t t;
+    memset(&t, 0, sizeof t);
+    Py_BEGIN_ALLOW_THREADS
+    tally_run(path, timeout_ms, sql, binds, (int)n, &t);
+    Py_END_ALLOW_THREADS
+    free(binds);
+    Py_DECREF(seq);
+    PyObject *out = NULL;
+    if (t.rc == SQLITE_NOMEM)
+        PyErr_NoMemory();
+    else if (t.rc)
+        PyErr_SetString(sqlite_error, t.errmsg);
+    else
+        out = tally_result(&t);
+    tally_free(&t);
+    return out;
+}
+
+/* ------------------------------------------------------------------ module */
+
 PyDoc_STRVAR(scan_doc,
              "scan(path, after, top, prev_hash, timeout_ms) -> (ok, last_seq, last_hash)\n\n"
              "Check ledger records after+1..top, the first linking to prev_hash; on a break,\n"
@@ -152,6 +822,7 @@ static PyObject *scan(PyObject *self, PyObject *args)
 
 static PyMethodDef methods[] = {
     {"scan", scan, METH_VARARGS, scan_doc},
+    {"tally", tally, METH_VARARGS, tally_doc},
     {NULL, NULL, 0, NULL},
 };
 

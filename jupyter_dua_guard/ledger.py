@@ -361,6 +361,31 @@ class Ledger(abc.ABC):
     def verify(self, head: str | None = None, *, workers: int = 1) -> VerifyResult:
         """Walk the chain; ``head`` (``seq:hash`` or a hash) also detects truncation."""
 
+    def survey(
+        self,
+        since: Any = None,
+        until: Any = None,
+        head: str | None = None,
+        *,
+        workers: int = 1,
+        user: str | None = None,
+        host: str | None = None,
+    ) -> tuple[VerifyResult, dict[str, Any]]:
+        """What a report needs from the store: the chain check and the usage figures.
+
+        Both read the whole ledger, so they run side by side (SQLite, PostgreSQL and the C
+        walk all release the GIL while they read).
+        """
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            pending = pool.submit(self.verify, head, workers=workers)
+            try:
+                usage = self.aggregate(since, until, user=user, host=host)
+            finally:
+                verification = pending.result()
+        return verification, usage
+
     @abc.abstractmethod
     def close(self) -> None:
         """Release the storage connection."""
@@ -468,6 +493,28 @@ _SHM_MXFRAME = struct.Struct("=I")
 _RARE = 20_000  # below this many matches, a kind filter reads through the index
 
 _AGG_COLUMNS = ("kind", "subject", "detail", "extra", "host", "platform", "user")
+
+
+def _usage(
+    groups: list[tuple],
+    distinct: list[dict[str, Any]],
+    kernels: int,
+    started: int,
+    notebooks: Iterable[Any],
+) -> dict[str, Any]:
+    """The shape ``Ledger.aggregate`` returns, from grouped rows and distinct counts."""
+    n = len(_AGG_COLUMNS)
+    return {
+        "groups": [
+            {**dict(zip(_AGG_COLUMNS, r[:n], strict=True)),
+             "first": r[n], "last": r[n + 1], "count": r[n + 2]}
+            for r in groups
+        ],
+        "distinct": distinct,
+        "kernels": kernels,
+        "kernels_started": started,
+        "notebooks": sorted(notebooks, key=lambda v: (not isinstance(v, str), str(v))),
+    }  # fmt: skip
 
 
 def _is_glob(value: str) -> bool:
@@ -875,6 +922,8 @@ class SQLiteLedger(Ledger):
         host: str | None = None,
     ) -> dict[str, Any]:
         where, params = self._where(since, until, None, None, user, host)
+        if _chain_fast is not None and hasattr(_chain_fast, "tally"):
+            return self._tally(where, params)
         # Every section reads up to one head seq (the ledger is append-only, so that is one
         # consistent view) and runs on its own connection: SQLite releases the GIL, so the
         # three grouped passes share the cores with each other and with verification.
@@ -946,18 +995,47 @@ class SQLiteLedger(Ledger):
                         )  # fmt: skip
         except sqlite3.Error as exc:
             raise self._fail(exc, "read") from None
-        n = len(_AGG_COLUMNS)
-        return {
-            "groups": [
-                {**dict(zip(_AGG_COLUMNS, r[:n], strict=True)),
-                 "first": r[n], "last": r[n + 1], "count": r[n + 2]}
-                for r in rows["groups"]
-            ],
-            "distinct": distinct,
-            "kernels": len(kernels),
-            "kernels_started": len(started),
-            "notebooks": sorted(notebooks),
-        }  # fmt: skip
+        return _usage(rows["groups"], distinct, len(kernels), len(started), notebooks)
+
+    def _tally(self, where: str, params: list[Any]) -> dict[str, Any]:
+        """``aggregate`` along the report index, counted by the C module in two threads.
+
+        Rows come in index order, so a group or a tool's distinct set never straddles the
+        split: AI/ML imports (most of a ledger) on one thread, every other kind on the other.
+        """
+        from concurrent.futures import ThreadPoolExecutor
+
+        top = self.head()[0]
+        where = (where + " AND" if where else "WHERE") + " +seq <= ?"  # +: keep the index
+        cols = ", ".join(_AGG_COLUMNS)
+        sql = f"SELECT {cols}, kernel, notebook, time FROM ledger_records {where} AND "
+        order = f" ORDER BY {cols}"
+        parts = [
+            (sql + "kind = ?" + order, [*params, top, events.AI_ML_IMPORT]),
+            (sql + "(kind IS NULL OR kind <> ?)" + order, [*params, top, events.AI_ML_IMPORT]),
+        ]
+
+        def run(part: tuple[str, list[Any]]) -> tuple:
+            return _chain_fast.tally(str(self.path), part[0], part[1], int(self.timeout * 1000))
+
+        try:
+            with ThreadPoolExecutor(max_workers=len(parts)) as pool:
+                done = list(pool.map(run, parts))
+        except sqlite3.Error as exc:
+            raise self._fail(exc, "read") from None
+        names = ("kind", "subject", "detail", "extra", "kernels", "notebooks")
+        kernels: set[Any] = set()
+        started: set[Any] = set()
+        notebooks: set[Any] = set()
+        for _, _, k, s, n in done:
+            kernels.update(k)
+            started.update(s)
+            notebooks.update(n)
+        return _usage(
+            [g for part in done for g in part[0]],
+            [dict(zip(names, row, strict=True)) for part in done for row in part[1]],
+            len(kernels), len(started), notebooks,
+        )  # fmt: skip
 
     # -- verification
     def _reader(self) -> sqlite3.Connection:
@@ -984,6 +1062,12 @@ class SQLiteLedger(Ledger):
             conn.close()
 
     def _result(self, ok: bool, records: int, head: tuple[int, str], **kw: Any) -> VerifyResult:
+        if not ok:
+            conn = self._reader()
+            try:
+                records = conn.execute("SELECT count(*) FROM ledger_records").fetchone()[0]
+            finally:
+                conn.close()
         return VerifyResult(ok, records, head[0], head[1], url=self.url, **kw)
 
     def _chunks(self, top: int, out: queue.Queue, stop: threading.Event) -> None:
@@ -1024,13 +1108,17 @@ class SQLiteLedger(Ledger):
                     problem="the records table was removed or altered (its schema is not the "
                     "ledger's)",
                 )  # fmt: skip
-            total = conn.execute("SELECT count(*) FROM ledger_records").fetchone()[0] or 0
+            # A walk that passes has seen every seq from 1 to the head, so only records
+            # below 1 can add to the count (counting all would read the whole report index;
+            # a failed walk recounts in _result).
+            low = conn.execute("SELECT count(*) FROM ledger_records WHERE seq < 1").fetchone()[0]
             row = conn.execute(
                 "SELECT seq, hash FROM ledger_records ORDER BY seq DESC LIMIT 1"
             ).fetchone()
         finally:
             conn.execute("COMMIT")
         head = (int(row[0]), str(row[1])) if row else (0, GENESIS)
+        total = head[0] + (low or 0)
         if _chain_fast is not None or (workers > 1 and head[0] >= PARALLEL_MIN):
             return self._verify_parallel(conn, pin, pin_text, total, head, workers)
         chunks: queue.Queue = queue.Queue(maxsize=2)

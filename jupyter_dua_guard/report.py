@@ -1,8 +1,10 @@
 """The records package for an NIH request (DUA sec. 22), built from the ledger.
 
-It aggregates in the database (grouped passes over the report index, beside the chain's
-verification) rather than reading events one by one, then closes with the verification
-result and head hash, which lets a later ``verify --head`` detect truncation.
+The ledger backend supplies the usage figures together with the chain's verification
+(``Ledger.survey``: the SQLite C walk tallies them from the rows it checks; otherwise the
+database aggregates beside the walk), so events are never read one by one in Python. The
+report closes with the verification result and head hash, which lets a later
+``verify --head`` detect truncation.
 """
 
 from __future__ import annotations
@@ -95,16 +97,11 @@ def build_report(
     whole chain.
     """
     who = {"user": user or None, "host": host or None}
-    # The chain check reads every record: run it beside the aggregation and the listings
-    # (the database and the C walk release the GIL), so that they share the cores.
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        pending = pool.submit(ledger.verify, head, workers=workers)
-        try:
-            listed = pool.submit(_listings, ledger, since, until, who)
-            usage = ledger.aggregate(since, until, **who)
-            result = _assemble(ledger, since, until, usage, who, listed.result())
-        finally:
-            verification = pending.result()
+    # The record listings are small: fetch them beside the ledger's pass over every record.
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        listed = pool.submit(_listings, ledger, since, until, who)
+        verification, usage = ledger.survey(since, until, head, workers=workers, **who)
+        result = _assemble(ledger, since, until, usage, who, listed.result())
     result["head"] = verification.head
     result["verification"] = verification.to_dict()
     return result

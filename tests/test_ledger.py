@@ -466,3 +466,96 @@ def test_c_and_python_walks_agree_on_random_tampering(tmp_path, monkeypatch, tri
                 r = ledger.verify(workers=workers)
             results[name, workers] = (r.ok, r.records, r.bad_seq, r.problem)
     assert len(set(results.values())) == 1, results
+
+
+def _random_ledger(path, rng, n):
+    """Events with awkward values: missing fields, numbers, empty strings, odd kinds."""
+    kinds = [
+        "ai_ml_import", "kernel_started", "egress_blocked", "egress_allowed_ai",
+        "output_flagged", "data_read", "model_artifact_written", "review_signed",
+        "guard_defaults_used", "csp_violation",
+    ]  # fmt: skip
+    pick = rng.choice
+    with open_ledger(f"sqlite:///{path}") as ledger:
+        for _ in range(n):
+            kind = pick(kinds)
+            data = {
+                "name": pick(["sklearn", "torch", "", None]),
+                "distribution": pick(["scikit-learn", "torch", None]),
+                "version": pick(["1.0", "2.0", 3, None]),
+                "host": pick(["api.openai.com", "x.test", 443]),
+                "port": pick([443, 80, "443", None]),
+                "rule": pick(["ai-endpoint", "", None]),
+                "path": pick(["m.pt", "data/x.csv", None]),
+                "reviewer": pick(["pi", None]),
+                "kernel_name": pick(["python3", None]),
+            }
+            data = {k: v for k, v in data.items() if v is not None or rng.random() < 0.5}
+            context = {
+                "kernel_id": pick(["k-1", "k-2", "k-3", "", 7, None]),
+                "notebook": pick(["a.ipynb", "b/c.ipynb", "", None]),
+                "user": pick(["analyst1", "analyst2", "pi"]),
+                "host": pick(["hpc-1", "hpc-2", "laptop"]),
+                "time": f"2026-0{rng.randint(1, 3)}-{rng.randint(10, 28)}T"
+                f"{rng.randint(10, 23)}:00:00Z",
+            }
+            ledger.append(kind, data, context)
+
+
+def _same_usage(a, b):
+    def rows(items):
+        return sorted(json.dumps(sorted(item.items()), default=repr) for item in items)
+
+    assert rows(a["groups"]) == rows(b["groups"])
+    assert rows(a["distinct"]) == rows(b["distinct"])
+    assert (a["kernels"], a["kernels_started"]) == (b["kernels"], b["kernels_started"])
+    assert a["notebooks"] == b["notebooks"]
+
+
+@pytest.mark.parametrize("trial", range(4))
+def test_c_tally_agrees_with_sql_aggregation(tmp_path, monkeypatch, trial):
+    """The C tally behind reports gives what the SQL grouping gives, filters included."""
+    import random
+
+    from jupyter_dua_guard import ledger as ledger_module
+
+    if not hasattr(ledger_module._chain_fast, "tally"):
+        pytest.skip("the C module was not built")
+    rng = random.Random(trial)
+    path = tmp_path / "ledger.sqlite"
+    _random_ledger(path, rng, 300)
+    filters = [
+        {},
+        {"since": "2026-02-01", "until": "2026-03-15"},
+        {"until": "2026-02-20T12:00:00Z"},
+        {"user": "analyst*"},
+        {"user": "pi", "host": "hpc-[12]"},
+        {"host": "nowhere"},
+    ]
+    fast = ledger_module._chain_fast
+    for kw in filters:
+        with open_ledger(f"sqlite:///{path}", create=False) as ledger:
+            monkeypatch.setattr(ledger_module, "_chain_fast", fast)
+            tallied = ledger.aggregate(**kw)
+            monkeypatch.setattr(ledger_module, "_chain_fast", None)
+            grouped = ledger.aggregate(**kw)
+        _same_usage(tallied, grouped)
+        if not kw:
+            assert tallied["groups"] and tallied["distinct"]
+
+
+def test_report_survey_gives_figures_of_a_broken_chain(tmp_path):
+    """A tampered ledger still gets its figures; the verification says what is wrong."""
+    from jupyter_dua_guard.report import build_report
+
+    path = tmp_path / "ledger.sqlite"
+    make_ledger(path, 12)
+    conn = db(path)
+    conn.execute("UPDATE ledger_records SET body = replace(body, 'torch', 'tarch') WHERE seq = 6")
+    conn.close()
+    with open_ledger(f"sqlite:///{path}", create=False) as ledger:
+        report = build_report(ledger, workers=2)
+    assert report["verification"]["ok"] is False
+    assert report["verification"]["bad_record"] == 6
+    assert report["events"] == 12
+    assert {t["tool"] for t in report["tools"]} >= {"scikit-learn", "xgboost", "tarch"}
