@@ -485,10 +485,13 @@ _SCHEMA = [
 # WAL frames after which a writer checkpoints (SQLite's own default). SQLite would do it
 # inside the commit, while the other writers wait on the lock file for it to write the pages
 # back and sync; writers do it after releasing the lock instead (PASSIVE: it never blocks
-# anyone), reading the frame count from the wal-index header (mxFrame, a native-order u32 at
-# byte 16 of the -shm file; https://www.sqlite.org/walformat.html).
+# anyone), reading from the wal-index (the -shm file, https://www.sqlite.org/walformat.html)
+# how many frames the WAL holds (mxFrame, a native-order u32 at byte 16) and how many of them
+# are already copied back (nBackfill, at byte 96). Until the next write restarts the WAL,
+# mxFrame stays high after a checkpoint: without nBackfill every writer would checkpoint
+# (and sync) again after each of its appends.
 _CHECKPOINT_FRAMES = 1000
-_SHM_MXFRAME = struct.Struct("=I")
+_SHM_FRAMES = struct.Struct("=16xI76xI")  # mxFrame, nBackfill
 
 _RARE = 20_000  # below this many matches, a kind filter reads through the index
 
@@ -766,9 +769,11 @@ class SQLiteLedger(Ledger):
     def _checkpoint_if_due(self, conn: sqlite3.Connection) -> None:
         """Copy the WAL back into the database once it is long, outside the writers' lock."""
         try:
-            header = os.pread(self._shm, 4, 16)  # type: ignore[arg-type]
-            if len(header) == 4 and _SHM_MXFRAME.unpack(header)[0] >= _CHECKPOINT_FRAMES:
-                conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+            header = os.pread(self._shm, _SHM_FRAMES.size, 0)  # type: ignore[arg-type]
+            if len(header) == _SHM_FRAMES.size:
+                frames, copied = _SHM_FRAMES.unpack(header)
+                if frames - copied >= _CHECKPOINT_FRAMES:
+                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
         except (OSError, sqlite3.Error):
             pass  # a checkpoint is housekeeping: the next writer tries again
 
