@@ -70,34 +70,34 @@ class LedgerError(Exception):
     """A ledger problem, as one line naming what is wrong and how to fix it."""
 
 
+# Built once: json.dumps with these options would build an encoder for every event.
+_CANONICAL = json.JSONEncoder(
+    sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False, default=str
+)
+
+
 def canonical_json(value: Any) -> str:
     """The one JSON text of a value that every writer and verifier agrees on."""
     try:
-        return json.dumps(
-            value,
-            sort_keys=True,
-            separators=(",", ":"),
-            ensure_ascii=False,
-            allow_nan=False,
-            default=str,
-        )
+        return _CANONICAL.encode(value)
     except (TypeError, ValueError) as exc:
         raise LedgerError(f"event is not JSON-serialisable ({exc}): pass plain values") from None
 
 
-_context_cache: tuple[tuple, str] = ((), "")
+_context_cache: tuple[tuple, str, dict[str, Any]] = ((), "", {})
 
 
-def _own_context_json() -> str:
-    """Canonical JSON of this process's context without the time, kept while it holds."""
+def _own_context() -> tuple[str, dict[str, Any]]:
+    """This process's context without the time, as canonical JSON and as read back."""
     global _context_cache
     key = (os.getpid(), os.environ.get(events.ENV_KERNEL_ID), os.environ.get(events.ENV_NOTEBOOK))
     cached = _context_cache
     if cached[0] != key:
         ctx = events.current_context()
         del ctx["time"]
-        cached = _context_cache = (key, canonical_json(ctx))
-    return cached[1]
+        text = canonical_json(ctx)
+        cached = _context_cache = (key, text, json.loads(text))
+    return cached[1], cached[2]
 
 
 def record_hash(prev: str, body: str) -> str:
@@ -275,8 +275,11 @@ class Ledger(abc.ABC):
         # so only ',"seq":N,"time":"..."}' is left to add once the sequence number is known.
         if not context:  # the usual case: this process's own context, serialised once
             data_json = canonical_json(dict(data))
-            head = f'{{"context":{_own_context_json()},"data":{data_json},"kind":"{kind}"'
-            return {"head": head, "time": events.utc_now()}
+            ctx_json, ctx = _own_context()
+            head = f'{{"context":{ctx_json},"data":{data_json},"kind":"{kind}"'
+            # what _stored needs to give the record back without parsing the whole body
+            parts = (ctx, data_json, kind)
+            return {"head": head, "time": events.utc_now(), "parts": parts}
         ctx = events.current_context()
         ctx.update(context)
         time = ctx.pop("time", None)
@@ -298,9 +301,26 @@ class Ledger(abc.ABC):
         return rows
 
     @staticmethod
-    def _stored(rows: list[tuple]) -> list[dict[str, Any]]:
-        """The records exactly as readers will see them (JSON types, str() of odd values)."""
-        return [{**json.loads(body), "prev": prev, "hash": h} for _, prev, h, body in rows]
+    def _stored(
+        rows: list[tuple], prepared: list[dict[str, Any]] | None = None
+    ) -> list[dict[str, Any]]:
+        """The records exactly as readers will see them (JSON types, str() of odd values).
+
+        With the ``prepared`` events, records of this process's own context are rebuilt
+        from their parts instead of parsing each body again.
+        """
+        out = []
+        for i, (seq, prev, h, body) in enumerate(rows):
+            parts = prepared[i].get("parts") if prepared else None
+            if parts:
+                ctx, data_json, kind = parts
+                time = prepared[i]["time"]  # type: ignore[index]
+                record = {"context": dict(ctx), "data": json.loads(data_json), "kind": kind,
+                          "seq": seq, "time": time, "prev": prev, "hash": h}  # fmt: skip
+            else:
+                record = {**json.loads(body), "prev": prev, "hash": h}
+            out.append(record)
+        return out
 
     @abc.abstractmethod
     def _store(self, prepared: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -491,6 +511,8 @@ _SCHEMA = [
 # mxFrame stays high after a checkpoint: without nBackfill every writer would checkpoint
 # (and sync) again after each of its appends.
 _CHECKPOINT_FRAMES = 1000
+
+_INSERT_SQL = "INSERT INTO ledger_records (seq, prev, hash, body) VALUES (?, ?, ?, ?)"
 _SHM_FRAMES = struct.Struct("=16xI76xI")  # mxFrame, nBackfill
 
 _RARE = 20_000  # below this many matches, a kind filter reads through the index
@@ -748,10 +770,10 @@ class SQLiteLedger(Ledger):
                     ).fetchone()
                     seq, prev = row if row else (0, GENESIS)
                     chained = self._chain(prepared, seq, prev)
-                    conn.executemany(
-                        "INSERT INTO ledger_records (seq, prev, hash, body) VALUES (?, ?, ?, ?)",
-                        chained,
-                    )
+                    if len(chained) == 1:  # the usual single event: execute is cheaper
+                        conn.execute(_INSERT_SQL, chained[0])
+                    else:
+                        conn.executemany(_INSERT_SQL, chained)
                     conn.execute("COMMIT")
                 except BaseException:
                     if conn.in_transaction:
@@ -764,7 +786,7 @@ class SQLiteLedger(Ledger):
                     fcntl.flock(self._lockfile, fcntl.LOCK_UN)
             if self._shm is not None:
                 self._checkpoint_if_due(conn)
-        return self._stored(chained)
+        return self._stored(chained, prepared)
 
     def _checkpoint_if_due(self, conn: sqlite3.Connection) -> None:
         """Copy the WAL back into the database once it is long, outside the writers' lock."""
