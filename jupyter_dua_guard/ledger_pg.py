@@ -588,9 +588,9 @@ class PostgresLedger(Ledger):
     def _to_database(self, prepared: list[dict[str, Any]]) -> list[dict[str, Any]]:
         heads, times = _columns(prepared)
         conn = self._connection()
-        # One round trip: ``submit`` commits the events durably, then chains them. If anything
-        # fails once that first commit may have happened, the events are spooled all the same:
-        # a flush skips events already in the database, so nothing is doubled.
+        # One round trip: ``submit`` chains the events and returns once they are durable. If
+        # anything fails after its first commit may have happened, the events are spooled all
+        # the same: a flush skips events already in the database, so nothing is doubled.
         try:
             row = conn.execute(_SUBMIT_CALL, (_text_array(heads), _text_array(times))).fetchone()
         except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
@@ -604,7 +604,7 @@ class PostgresLedger(Ledger):
         seqs, prevs, hashes = row if row else (None, None, None)
         if not seqs or len(seqs) != len(prepared):
             raise LedgerError(
-                f"ledger {self.url} did not chain {len(prepared)} event(s): its chain function "
+                f"ledger {self.url} did not chain {len(prepared)} event(s): its submit procedure "
                 "was altered; run `jupyter dua-guard verify` and `db upgrade`"
             )
         rows = []
@@ -866,10 +866,10 @@ class PostgresLedger(Ledger):
     ) -> dict[str, Any]:
         where, params = self._where(since, until, None, None, user, host)
         queries = _aggregate_sql(where)
-        big = self._read(
+        top = self._read(
             lambda c: c.execute(f"SELECT max(seq) FROM {SCHEMA}.ledger_records").fetchone()[0]
         )
-        if big is not None and big >= 100_000:
+        if top is not None and top >= 100_000:  # worth two more connections
             groups, distinct = self._aggregate_parallel(queries, params)
         else:
 
@@ -908,8 +908,9 @@ class PostgresLedger(Ledger):
 
     def _aggregate_parallel(self, queries: tuple[str, str], params: list[Any]) -> tuple:
         """The two aggregation queries side by side on two connections, one snapshot."""
-        conns = [self._reader() for _ in queries]
+        conns: list[Any] = []
         try:
+            conns += [self._reader(), self._reader()]
             first, second = conns
             first.execute("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY")
             snapshot = first.execute("SELECT pg_export_snapshot()").fetchone()[0]
