@@ -3,8 +3,9 @@
 Run: ``python benchmarks/ledger.py [--events 1000000] [--keep DIR] [--no-postgres |
 --only-postgres]``. SQLite first, then the PostgreSQL hub ledger on a throw-away cluster
 (Debian's ``postgresql`` binaries; skipped when absent). Prints figures measured
-in this run (wall and CPU seconds); goals from issue 3: >= 5,000 appends/s with 8 writers,
-report over 1,000,000 events <= 2 s. The 1M-event ledger is generated in bulk (precomputed
+in this run (wall and CPU seconds; SQLite figures as the median of ``--rounds`` runs, since
+a shared 2-CPU machine moves single runs by 20 %); goals from issue 3: >= 5,000 appends/s
+with 8 writers, report over 1,000,000 events <= 2 s. The 1M-event ledger is generated in bulk (precomputed
 canonical JSON, one transaction) because going through ``append`` would take minutes.
 """
 
@@ -18,6 +19,7 @@ import os
 import random
 import resource
 import sqlite3
+import statistics
 import sys
 import tempfile
 import time
@@ -214,6 +216,9 @@ def main() -> None:
     parser.add_argument("--appends", type=int, default=2000, help="appends per writer")
     parser.add_argument("--keep", help="directory to keep (and reuse) the generated ledger in")
     parser.add_argument(
+        "--rounds", type=int, default=5, help="runs of each SQLite measure (medians printed)"
+    )
+    parser.add_argument(
         "--no-postgres", action="store_true", help="skip the PostgreSQL (hub ledger) figures"
     )
     parser.add_argument("--only-postgres", action="store_true", help="only the PostgreSQL figures")
@@ -226,20 +231,27 @@ def main() -> None:
     workdir.mkdir(parents=True, exist_ok=True)
     print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}")
 
+    eight = []
     for writers, batch in ((1, 1), (8, 1), (8, 50)):
         url = f"sqlite:///{workdir}/appends-{writers}-{batch}.sqlite"
-        for suffix in ("", "-wal", "-shm", ".lock"):
-            Path(url[10:] + suffix).unlink(missing_ok=True)
-        open_ledger(url).close()
-        per = args.appends if batch == 1 else args.appends * 5
-        rate = appends_per_second(url, writers, per, batch)
-        with open_ledger(url) as ledger:
-            result = ledger.verify()
+        rates, intact = [], True
+        for _ in range(args.rounds):
+            for suffix in ("", "-wal", "-shm", ".lock"):
+                Path(url[10:] + suffix).unlink(missing_ok=True)
+            open_ledger(url).close()
+            per = args.appends if batch == 1 else args.appends * 5
+            rates.append(appends_per_second(url, writers, per, batch))
+            with open_ledger(url) as ledger:
+                result = ledger.verify()
+            intact = intact and result.ok and result.records == writers * per
         label = "single appends" if batch == 1 else f"append_many batches of {batch}"
         print(
             f"appends/s, {writers} writer process{'es' if writers > 1 else ''}, {label}: "
-            f"{rate:,.0f}  (records {result.records}, chain intact: {result.ok})"
+            f"median {statistics.median(rates):,.0f} of {len(rates)} rounds "
+            f"({min(rates):,.0f}-{max(rates):,.0f}; every round complete and intact: {intact})"
         )
+        if (writers, batch) == (8, 1):
+            eight = rates
 
     big = workdir / f"ledger-{args.events}.sqlite"
     if not big.exists():
@@ -252,12 +264,17 @@ def main() -> None:
         agg, wall_a, _ = timed(lambda: ledger.aggregate())
         cpus = os.cpu_count() or 1
         ver, wall_v, cpu_v = timed(lambda: ledger.verify(workers=cpus))
-        rep, wall_r, cpu_r = timed(lambda: build_report(ledger, workers=cpus))
+        reports = [timed(lambda: build_report(ledger, workers=cpus)) for _ in range(args.rounds)]
+        rep = reports[0][0]
+        walls = sorted(r[1] for r in reports)
+        wall_r = statistics.median(walls)
+        cpu_r = statistics.median(r[2] for r in reports)
         _, wall_h, _ = timed(lambda: render_html(rep))
         _, wall_p, _ = timed(lambda: build_report(ledger, since="2026-12-01", workers=cpus))
     print(
         f"report over {ver.records:,} events (aggregation + full chain verification): "
-        f"{wall_r:.2f} s wall, {cpu_r:.2f} s CPU; HTML rendering {wall_h:.3f} s"
+        f"median {wall_r:.2f} s wall of {len(walls)} ({walls[0]:.2f}-{walls[-1]:.2f}), "
+        f"{cpu_r:.2f} s CPU; HTML rendering {wall_h:.3f} s"
     )
     print(
         f"  of which aggregation {wall_a:.2f} s wall ({len(agg['groups']):,} groups), "
@@ -268,7 +285,12 @@ def main() -> None:
         f"  tools {len(rep['tools'])}, kernels {rep['kernels']}, notebooks "
         f"{len(rep['notebooks'])}, artefacts {len(rep['model_artifacts'])}"
     )
-    print(f"goal check: report <= 2 s: {'met' if wall_r <= 2 else 'NOT met'} ({wall_r:.2f} s)")
+    rate8 = statistics.median(eight) if eight else 0.0
+    print(
+        f"goal check (medians): 8 writers >= 5,000 appends/s: "
+        f"{'met' if rate8 >= 5000 else 'NOT met'} ({rate8:,.0f}/s); "
+        f"report <= 2 s: {'met' if wall_r <= 2 else 'NOT met'} ({wall_r:.2f} s)"
+    )
     if not args.no_postgres:
         postgres(args)
     if not args.keep:
