@@ -5,8 +5,8 @@ Run: ``python benchmarks/ledger.py [--events 1000000] [--keep DIR] [--no-postgre
 (Debian's ``postgresql`` binaries; skipped when absent). Prints figures measured
 in this run (wall and CPU seconds; SQLite figures as the median of ``--rounds`` runs, since
 a shared 2-CPU machine moves single runs by 20 %); goals from issue 3: >= 5,000 appends/s
-with 8 writers, report over 1,000,000 events <= 2 s. The 1M-event ledger is generated in bulk (precomputed
-canonical JSON, one transaction) because going through ``append`` would take minutes.
+with 8 writers, report over 1,000,000 events <= 2 s. The 1M-event ledger is generated in
+bulk (precomputed canonical JSON, one transaction): going through ``append`` takes minutes.
 """
 
 from __future__ import annotations

@@ -584,6 +584,8 @@ class SQLiteLedger(Ledger):
         self._pid = os.getpid()
         self._lockfile: int | None = None
         self._shm: int | None = None  # the wal-index file, read to time checkpoints
+        self._appender: Any = None  # _chain_fast.Appender, opened on the first append
+        self._appender_pid = 0
         self._conn_obj: sqlite3.Connection | None = None
         self._connect()
 
@@ -746,6 +748,9 @@ class SQLiteLedger(Ledger):
 
     def close(self) -> None:
         with self._lock:
+            if self._appender is not None and os.getpid() == self._appender_pid:
+                self._appender.close()
+            self._appender = None
             if self._conn_obj is not None and os.getpid() == self._pid:
                 self._conn_obj.close()
             self._conn_obj = None
@@ -758,6 +763,16 @@ class SQLiteLedger(Ledger):
     def _store(self, prepared: list[dict[str, Any]]) -> list[dict[str, Any]]:
         with self._lock:
             conn = self._conn
+            appender = self._fast_appender()
+            if appender is not None:
+                lockfd = self._lockfile if self._lockfile is not None else -1
+                try:
+                    chained = appender.append(lockfd, [(e["head"], e["time"]) for e in prepared])
+                except sqlite3.Error as exc:
+                    raise self._fail(exc, "write to") from None
+                if self._shm is not None:
+                    self._checkpoint_if_due(conn)
+                return self._stored(chained, prepared)
             locked = False
             try:
                 if self._lockfile is not None:
@@ -787,6 +802,24 @@ class SQLiteLedger(Ledger):
             if self._shm is not None:
                 self._checkpoint_if_due(conn)
         return self._stored(chained, prepared)
+
+    def _fast_appender(self) -> Any:
+        """The C appender on its own connection (``None``: the Python path appends)."""
+        if _chain_fast is None or not hasattr(_chain_fast, "Appender") or self._shm is None:
+            return None
+        appender = self._appender
+        if appender is not None and self._appender_pid == os.getpid():
+            return appender
+        if appender is not None:
+            _INHERITED.append(appender)  # a forked child never closes its parent's handle
+        try:
+            self._appender = _chain_fast.Appender(
+                str(self.path), int(self.timeout * 1000), self.synchronous
+            )
+        except sqlite3.Error:
+            self._appender = None  # e.g. a read-only file: the Python path reports it
+        self._appender_pid = os.getpid()
+        return self._appender
 
     def _checkpoint_if_due(self, conn: sqlite3.Connection) -> None:
         """Copy the WAL back into the database once it is long, outside the writers' lock."""

@@ -559,3 +559,41 @@ def test_report_survey_gives_figures_of_a_broken_chain(tmp_path):
     assert report["verification"]["bad_record"] == 6
     assert report["events"] == 12
     assert {t["tool"] for t in report["tools"]} >= {"scikit-learn", "xgboost", "tarch"}
+
+
+def test_c_and_python_appends_chain_alike(tmp_path, monkeypatch):
+    """Appends through the C appender and the Python path interleave into one valid chain."""
+    from jupyter_dua_guard import ledger as ledger_module
+
+    fast = ledger_module._chain_fast
+    if not hasattr(fast, "Appender"):
+        pytest.skip("the C module was not built")
+    path = tmp_path / "ledger.sqlite"
+    returned = []
+    with open_ledger(f"sqlite:///{path}") as ledger:
+        for i in range(12):
+            monkeypatch.setattr(ledger_module, "_chain_fast", fast if i % 2 else None)
+            data = {"name": f"tool-{i}", "note": "naïve ✓ 東京", "n": i}
+            if i % 3 == 2:
+                returned.extend(ledger.append_many([("ai_ml_import", data, None)] * 3))
+            else:
+                returned.append(ledger.append("ai_ml_import", data))
+        monkeypatch.setattr(ledger_module, "_chain_fast", fast)
+        stored = list(ledger.records())
+        result = ledger.verify()
+    assert result.ok and result.records == len(returned) == 20
+    assert [r["seq"] for r in returned] == list(range(1, 21))
+    for mine, theirs in zip(returned, stored, strict=True):
+        assert {k: mine[k] for k in ("seq", "prev", "hash", "data", "kind", "time")} == {
+            k: theirs[k] for k in ("seq", "prev", "hash", "data", "kind", "time")
+        }
+        assert mine["context"] == theirs["context"]
+    assert stored[5]["data"]["note"] == "naïve ✓ 東京"
+
+
+def test_c_appender_refuses_a_closed_ledger(tmp_path):
+    ledger = open_ledger(f"sqlite:///{tmp_path / 'ledger.sqlite'}")
+    ledger.append("ai_ml_import", {"name": "x"})
+    ledger.close()
+    with pytest.raises(LedgerError, match="closed"):
+        ledger.append("ai_ml_import", {"name": "y"})
