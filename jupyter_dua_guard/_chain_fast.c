@@ -61,8 +61,9 @@ static void scan_range(const char *path, int timeout_ms, sqlite3_int64 after,
         goto done;
     }
     sqlite3_busy_timeout(db, timeout_ms);
-    /* Read pages in place instead of copying each one out of the page cache. */
-    sqlite3_exec(db, "PRAGMA mmap_size = 1073741824", NULL, NULL, NULL);
+    /* No mmap: for one pass over the file, faulting each page into this process's
+     * mapping (and unmapping it at close) costs more than pread copying it. */
+    sqlite3_exec(db, "PRAGMA mmap_size = 0", NULL, NULL, NULL);
     rc = sqlite3_prepare_v2(db,
                             "SELECT seq, prev, hash, body FROM ledger_records "
                             "WHERE seq > ?1 AND seq <= ?2 ORDER BY seq",
@@ -564,8 +565,16 @@ typedef struct {
     Py_ssize_t n;
 } bind_t;
 
-static void tally_run(const char *path, int timeout_ms, const char *sql, const bind_t *binds,
-                      int nbinds, tally_t *t)
+typedef struct {
+    const char *sql;
+    bind_t *binds;
+    int nbinds;
+} query_t;
+
+/* Run the queries one after another into one tally: together they must return the rows in
+ * report-index order, so that a group never spans two of them unless they are adjacent. */
+static void tally_run(const char *path, int timeout_ms, const query_t *queries, int nqueries,
+                      tally_t *t)
 {
     sqlite3 *db = NULL;
     sqlite3_stmt *stmt = NULL;
@@ -573,38 +582,43 @@ static void tally_run(const char *path, int timeout_ms, const char *sql, const b
     if (rc != SQLITE_OK)
         goto fail;
     sqlite3_busy_timeout(db, timeout_ms);
-    sqlite3_exec(db, "PRAGMA mmap_size = 1073741824", NULL, NULL, NULL);
-    rc = sqlite3_prepare_v2(db, sql, -1, &stmt, NULL);
-    if (rc != SQLITE_OK)
-        goto fail;
-    if (sqlite3_column_count(stmt) != T_END) {
-        rc = SQLITE_MISUSE;
-        snprintf(t->errmsg, sizeof t->errmsg, "the tally query must return %d columns", T_END);
-        t->rc = rc;
-        goto done;
-    }
-    for (int i = 0; i < nbinds; i++) {
-        const bind_t *b = &binds[i];
-        if (b->type == SQLITE_INTEGER)
-            rc = sqlite3_bind_int64(stmt, i + 1, b->i);
-        else if (b->type == SQLITE_FLOAT)
-            rc = sqlite3_bind_double(stmt, i + 1, b->d);
-        else if (b->type == SQLITE_TEXT)
-            rc = sqlite3_bind_text(stmt, i + 1, b->s, (int)b->n, SQLITE_STATIC);
-        else
-            rc = sqlite3_bind_null(stmt, i + 1);
+    sqlite3_exec(db, "PRAGMA mmap_size = 0", NULL, NULL, NULL); /* see scan_range */
+    for (int q = 0; q < nqueries; q++) {
+        rc = sqlite3_prepare_v2(db, queries[q].sql, -1, &stmt, NULL);
         if (rc != SQLITE_OK)
             goto fail;
-    }
-    while ((rc = sqlite3_step(stmt)) == SQLITE_ROW) {
-        if (tally_row(t, stmt)) {
-            t->rc = SQLITE_NOMEM;
-            snprintf(t->errmsg, sizeof t->errmsg, "out of memory");
+        if (sqlite3_column_count(stmt) != T_END) {
+            rc = SQLITE_MISUSE;
+            snprintf(t->errmsg, sizeof t->errmsg, "a tally query must return %d columns",
+                     T_END);
+            t->rc = rc;
             goto done;
         }
+        for (int i = 0; i < queries[q].nbinds; i++) {
+            const bind_t *b = &queries[q].binds[i];
+            if (b->type == SQLITE_INTEGER)
+                rc = sqlite3_bind_int64(stmt, i + 1, b->i);
+            else if (b->type == SQLITE_FLOAT)
+                rc = sqlite3_bind_double(stmt, i + 1, b->d);
+            else if (b->type == SQLITE_TEXT)
+                rc = sqlite3_bind_text(stmt, i + 1, b->s, (int)b->n, SQLITE_STATIC);
+            else
+                rc = sqlite3_bind_null(stmt, i + 1);
+            if (rc != SQLITE_OK)
+                goto fail;
+        }
+        while ((rc = sqlite3_step(stmt)) == SQLITE_ROW) {
+            if (tally_row(t, stmt)) {
+                t->rc = SQLITE_NOMEM;
+                snprintf(t->errmsg, sizeof t->errmsg, "out of memory");
+                goto done;
+            }
+        }
+        if (rc != SQLITE_DONE)
+            goto fail;
+        sqlite3_finalize(stmt);
+        stmt = NULL;
     }
-    if (rc != SQLITE_DONE)
-        goto fail;
     if (close_group(t) || close_run(t)) {
         t->rc = SQLITE_NOMEM;
         snprintf(t->errmsg, sizeof t->errmsg, "out of memory");
@@ -724,36 +738,37 @@ done:
 }
 
 PyDoc_STRVAR(tally_doc,
-             "tally(path, sql, params, timeout_ms) -> (groups, distinct, kernels, "
+             "tally(path, queries, timeout_ms) -> (groups, distinct, kernels, "
              "kernels_started, notebooks)\n\n"
-             "Run sql (columns kind, subject, detail, extra, host, platform, user, kernel,\n"
-             "notebook, time, ordered by the first seven) and tally what a report shows:\n"
+             "Run the queries, (sql, params) pairs, one after the other (together: columns\n"
+             "kind, subject, detail, extra, host, platform, user, kernel, notebook, time,\n"
+             "ordered by the first seven) and tally what a report shows:\n"
              "groups (seven key columns, first, last, count), distinct kernels and notebooks\n"
              "per tool or per other listed kind (kind, subject, detail, extra, kernels,\n"
              "notebooks), and the lists of kernels that imported a tool or started, of those\n"
              "that started, and of the notebooks seen. Rows of a group arrive together, so\n"
              "only the sets need hashing; the GIL is released while rows are read.");
 
-static PyObject *tally(PyObject *self, PyObject *args)
+/* Fill a query from (sql, params); the strings stay owned by the Python objects. */
+static int parse_query(PyObject *item, query_t *q)
 {
-    (void)self;
-    const char *path, *sql;
     PyObject *params;
-    int timeout_ms;
-    if (!PyArg_ParseTuple(args, "ssOi", &path, &sql, &params, &timeout_ms))
-        return NULL;
+    if (!PyArg_ParseTuple(item, "sO", &q->sql, &params))
+        return -1;
     PyObject *seq = PySequence_Fast(params, "params must be a sequence");
     if (seq == NULL)
-        return NULL;
+        return -1;
     Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
-    bind_t *binds = calloc(n ? (size_t)n : 1, sizeof *binds);
-    if (binds == NULL) {
+    q->binds = calloc(n ? (size_t)n : 1, sizeof *q->binds);
+    q->nbinds = (int)n;
+    if (q->binds == NULL) {
         Py_DECREF(seq);
-        return PyErr_NoMemory();
+        PyErr_NoMemory();
+        return -1;
     }
     for (Py_ssize_t i = 0; i < n; i++) {
         PyObject *v = PySequence_Fast_GET_ITEM(seq, i);
-        bind_t *b = &binds[i];
+        bind_t *b = &q->binds[i];
         if (v == Py_None) {
             b->type = SQLITE_NULL;
         } else if (PyLong_Check(v)) {
@@ -769,19 +784,40 @@ static PyObject *tally(PyObject *self, PyObject *args)
             PyErr_Format(PyExc_TypeError, "cannot bind a %s", Py_TYPE(v)->tp_name);
         }
         if (PyErr_Occurred()) {
-            free(binds);
             Py_DECREF(seq);
-            return NULL;
+            return -1;
         }
     }
+    Py_DECREF(seq); /* the values live on in the caller's params list */
+    return 0;
+}
+
+static PyObject *tally(PyObject *self, PyObject *args)
+{
+    (void)self;
+    const char *path;
+    PyObject *queries_arg;
+    int timeout_ms;
+    if (!PyArg_ParseTuple(args, "sOi", &path, &queries_arg, &timeout_ms))
+        return NULL;
+    PyObject *list = PySequence_Fast(queries_arg, "queries must be a sequence");
+    if (list == NULL)
+        return NULL;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(list);
+    query_t *queries = calloc(n ? (size_t)n : 1, sizeof *queries);
+    PyObject *out = NULL;
+    if (queries == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    for (Py_ssize_t i = 0; i < n; i++)
+        if (parse_query(PySequence_Fast_GET_ITEM(list, i), &queries[i]))
+            goto done;
     tally_t t;
     memset(&t, 0, sizeof t);
     Py_BEGIN_ALLOW_THREADS
-    tally_run(path, timeout_ms, sql, binds, (int)n, &t);
+    tally_run(path, timeout_ms, queries, (int)n, &t);
     Py_END_ALLOW_THREADS
-    free(binds);
-    Py_DECREF(seq);
-    PyObject *out = NULL;
     if (t.rc == SQLITE_NOMEM)
         PyErr_NoMemory();
     else if (t.rc)
@@ -789,6 +825,11 @@ static PyObject *tally(PyObject *self, PyObject *args)
     else
         out = tally_result(&t);
     tally_free(&t);
+done:
+    for (Py_ssize_t i = 0; queries && i < n; i++)
+        free(queries[i].binds);
+    free(queries);
+    Py_DECREF(list);
     return out;
 }
 

@@ -1070,13 +1070,20 @@ class SQLiteLedger(Ledger):
         cols = ", ".join(_AGG_COLUMNS)
         sql = f"SELECT {cols}, kernel, notebook, time FROM ledger_records {where} AND "
         order = f" ORDER BY {cols}"
+        imports = [*params, top, events.AI_ML_IMPORT]
+        # each a range of the index, taken in index order: NULL kinds sort first
         parts = [
-            (sql + "kind = ?" + order, [*params, top, events.AI_ML_IMPORT]),
-            (sql + "(kind IS NULL OR kind <> ?)" + order, [*params, top, events.AI_ML_IMPORT]),
+            [(sql + "kind = ?" + order, imports)],
+            [
+                (sql + "kind IS NULL" + order, [*params, top]),
+                (sql + "kind < ?" + order, imports),
+                (sql + "kind > ?" + order, imports),
+            ],
         ]
+        timeout = int(self.timeout * 1000)
 
-        def run(part: tuple[str, list[Any]]) -> tuple:
-            return _chain_fast.tally(str(self.path), part[0], part[1], int(self.timeout * 1000))
+        def run(part: list[tuple[str, list[Any]]]) -> tuple:
+            return _chain_fast.tally(str(self.path), part, timeout)
 
         try:
             with ThreadPoolExecutor(max_workers=len(parts)) as pool:

@@ -524,6 +524,17 @@ def test_c_tally_agrees_with_sql_aggregation(tmp_path, monkeypatch, trial):
     rng = random.Random(trial)
     path = tmp_path / "ledger.sqlite"
     _random_ledger(path, rng, 300)
+    if trial % 2:  # tampered kinds sort before, between and after the real ones
+        conn = db(path)
+        conn.execute(
+            "UPDATE ledger_records SET body = json_remove(body, '$.kind') WHERE seq % 37 = 0"
+        )
+        for kind, mod in (("aaa", 41), ("b_kind", 43), ("zzz", 47)):
+            conn.execute(
+                "UPDATE ledger_records SET body = json_set(body, '$.kind', ?) WHERE seq % ? = 0",
+                (kind, mod),
+            )
+        conn.close()
     filters = [
         {},
         {"since": "2026-02-01", "until": "2026-03-15"},
