@@ -217,6 +217,19 @@ static size_t enc_len(const char *p)
     }
 }
 
+/* An encoded INTEGER or REAL as a double, for comparing the two. */
+static double enc_number(const char *p)
+{
+    if (p[0] == TAG_INT) {
+        sqlite3_int64 v;
+        memcpy(&v, p + 1, 8);
+        return (double)v;
+    }
+    double d;
+    memcpy(&d, p + 1, 8);
+    return d;
+}
+
 /* SQLite's order for min()/max(): NULL < numbers < text (BINARY) < blobs. */
 static int enc_cmp(const char *a, const char *b)
 {
@@ -226,19 +239,7 @@ static int enc_cmp(const char *a, const char *b)
     if (ra != rb)
         return ra < rb ? -1 : 1;
     if (ra == 1) {
-        double x, y;
-        if (a[0] == TAG_INT) {
-            sqlite3_int64 v;
-            memcpy(&v, a + 1, 8);
-            x = (double)v;
-        } else
-            memcpy(&x, a + 1, 8);
-        if (b[0] == TAG_INT) {
-            sqlite3_int64 v;
-            memcpy(&v, b + 1, 8);
-            y = (double)v;
-        } else
-            memcpy(&y, b + 1, 8);
+        double x = enc_number(a), y = enc_number(b);
         return x < y ? -1 : x > y;
     }
     if (ra >= 2) {
