@@ -29,6 +29,25 @@ static const char HEX[] = "0123456789abcdef";
 
 static PyObject *sqlite_error; /* sqlite3.OperationalError, so callers handle one kind */
 
+/* A record's hash, as ledger.record_hash computes it: lower-case hex of
+ * sha256(prev + "\n" + body). The low-level interface: OpenSSL 3's one-shot SHA256() looks
+ * the digest up in its provider tables on every call, which costs more than hashing a
+ * record. */
+static void record_hash_hex(const void *prev, const void *body, size_t body_len, char *hex)
+{
+    SHA256_CTX ctx;
+    unsigned char digest[SHA256_DIGEST_LENGTH];
+    SHA256_Init(&ctx);
+    SHA256_Update(&ctx, prev, HASH_HEX);
+    SHA256_Update(&ctx, "\n", 1);
+    SHA256_Update(&ctx, body, body_len);
+    SHA256_Final(digest, &ctx);
+    for (int i = 0; i < SHA256_DIGEST_LENGTH; i++) {
+        hex[2 * i] = HEX[digest[i] >> 4];
+        hex[2 * i + 1] = HEX[digest[i] & 15];
+    }
+}
+
 typedef struct {
     int ok;
     sqlite3_int64 last_seq;
@@ -99,20 +118,8 @@ static void scan_range(const char *path, int timeout_ms, sqlite3_int64 after,
             st->ok = 0;
             break;
         }
-        /* The low-level interface: OpenSSL 3's one-shot SHA256() looks the digest up in
-         * its provider tables on every call, which costs more than hashing a record. */
-        SHA256_CTX ctx;
-        unsigned char digest[SHA256_DIGEST_LENGTH];
-        SHA256_Init(&ctx);
-        SHA256_Update(&ctx, prev, HASH_HEX);
-        SHA256_Update(&ctx, "\n", 1);
-        SHA256_Update(&ctx, body, (size_t)body_len);
-        SHA256_Final(digest, &ctx);
         char hex[HASH_HEX];
-        for (int i = 0; i < SHA256_DIGEST_LENGTH; i++) {
-            hex[2 * i] = HEX[digest[i] >> 4];
-            hex[2 * i + 1] = HEX[digest[i] & 15];
-        }
+        record_hash_hex(prev, body, (size_t)body_len, hex);
         if (memcmp(hex, hash, HASH_HEX) != 0) {
             st->ok = 0;
             break;
@@ -981,18 +988,8 @@ static int append_locked(AppenderObject *a, int lockfd, pending_t *ev, Py_ssize_
         memcpy(p, e->time, (size_t)e->time_len);
         p += e->time_len;
         memcpy(p, "\"}", 2);
-        SHA256_CTX ctx;
-        unsigned char digest[SHA256_DIGEST_LENGTH];
-        SHA256_Init(&ctx);
-        SHA256_Update(&ctx, prev, HASH_HEX);
-        SHA256_Update(&ctx, "\n", 1);
-        SHA256_Update(&ctx, e->body, e->body_len);
-        SHA256_Final(digest, &ctx);
         memcpy(e->prev, prev, HASH_HEX);
-        for (int j = 0; j < SHA256_DIGEST_LENGTH; j++) {
-            e->hash[2 * j] = HEX[digest[j] >> 4];
-            e->hash[2 * j + 1] = HEX[digest[j] & 15];
-        }
+        record_hash_hex(prev, e->body, e->body_len, e->hash);
         memcpy(prev, e->hash, HASH_HEX);
         sqlite3_bind_int64(a->insert, 1, seq);
         sqlite3_bind_text(a->insert, 2, e->prev, HASH_HEX, SQLITE_STATIC);

@@ -777,45 +777,46 @@ class SQLiteLedger(Ledger):
     def _store(self, prepared: list[dict[str, Any]]) -> list[dict[str, Any]]:
         with self._lock:
             conn = self._conn
-            appender = self._fast_appender()
-            if appender is not None:
-                lockfd = self._lockfile if self._lockfile is not None else -1
-                try:
-                    chained = appender.append(lockfd, [(e["head"], e["time"]) for e in prepared])
-                except sqlite3.Error as exc:
-                    raise self._fail(exc, "write to") from None
-                if self._shm is not None:
-                    self._checkpoint_if_due(conn)
-                return self._stored(chained, prepared)
-            locked = False
+            appender = self._fast_appender()  # only where the lock file and wal-index are open
             try:
-                if self._lockfile is not None:
-                    fcntl.flock(self._lockfile, fcntl.LOCK_EX)
-                    locked = True
-                conn.execute("BEGIN IMMEDIATE")
-                try:
-                    row = conn.execute(
-                        "SELECT seq, hash FROM ledger_records ORDER BY seq DESC LIMIT 1"
-                    ).fetchone()
-                    seq, prev = row if row else (0, GENESIS)
-                    chained = self._chain(prepared, seq, prev)
-                    if len(chained) == 1:  # the usual single event: execute is cheaper
-                        conn.execute(_INSERT_SQL, chained[0])
-                    else:
-                        conn.executemany(_INSERT_SQL, chained)
-                    conn.execute("COMMIT")
-                except BaseException:
-                    if conn.in_transaction:
-                        conn.execute("ROLLBACK")
-                    raise
+                if appender is not None:
+                    events_ = [(e["head"], e["time"]) for e in prepared]
+                    chained = appender.append(self._lockfile, events_)
+                else:
+                    chained = self._append_locked(conn, prepared)
             except sqlite3.Error as exc:
                 raise self._fail(exc, "write to") from None
-            finally:
-                if locked:
-                    fcntl.flock(self._lockfile, fcntl.LOCK_UN)
             if self._shm is not None:
                 self._checkpoint_if_due(conn)
         return self._stored(chained, prepared)
+
+    def _append_locked(self, conn: sqlite3.Connection, prepared: list[dict[str, Any]]) -> list:
+        """The locked part of an append in Python: what ``_chain_fast.Appender`` does in C."""
+        locked = False
+        try:
+            if self._lockfile is not None:
+                fcntl.flock(self._lockfile, fcntl.LOCK_EX)
+                locked = True
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                row = conn.execute(
+                    "SELECT seq, hash FROM ledger_records ORDER BY seq DESC LIMIT 1"
+                ).fetchone()
+                seq, prev = row if row else (0, GENESIS)
+                chained = self._chain(prepared, seq, prev)
+                if len(chained) == 1:  # the usual single event: execute is cheaper
+                    conn.execute(_INSERT_SQL, chained[0])
+                else:
+                    conn.executemany(_INSERT_SQL, chained)
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+        finally:
+            if locked:
+                fcntl.flock(self._lockfile, fcntl.LOCK_UN)
+        return chained
 
     def _fast_appender(self) -> Any:
         """The C appender on its own connection (``None``: the Python path appends)."""
