@@ -73,6 +73,11 @@ except ImportError:  # pragma: no cover - depends on the installation
     psycopg = None  # type: ignore[assignment]
     _sql = None  # type: ignore[assignment]
 
+try:  # streams the records to verify and tally them in C (built with libpq)
+    from . import _pgsurvey_fast
+except ImportError:  # pragma: no cover - depends on the build
+    _pgsurvey_fast = None  # type: ignore[assignment]
+
 __all__ = [
     "SCHEMA",
     "SCHEMA_VERSION",
@@ -771,16 +776,13 @@ class PostgresLedger(Ledger):
     ) -> tuple[str, list[Any]]:
         clauses: list[str] = []
         params: list[Any] = []
-        start = parse_time(since)
+        start, end, inclusive = _time_bounds(since, until)
         if start:
             clauses.append("time >= %s")
             params.append(start)
-        if until is not None and until != "":
-            is_date = bool(re.fullmatch(r"\s*\d{4}-\d{2}-\d{2}\s*", str(until))) or (
-                hasattr(until, "year") and not hasattr(until, "hour")
-            )
-            clauses.append("time < %s" if is_date else "time <= %s")
-            params.append(parse_time(until, end=True))
+        if end is not None:
+            clauses.append("time <= %s" if inclusive else "time < %s")
+            params.append(end)
         kind_list = self._check_kinds(kinds)
         if kind_list:
             clauses.append("kind = ANY(%s)")
@@ -977,12 +979,23 @@ class PostgresLedger(Ledger):
         if first is not None:
             seq, problem = self._read(lambda c: _diagnose(c, first))
             return VerifyResult(False, total, *top, url=self.url, bad_seq=seq, problem=problem)
-        if pin is not None:
-            problem = self._read(lambda c: _check_pin(c, pin, top))
-            if problem:
-                return VerifyResult(
-                    False, total, *top, url=self.url, bad_seq=problem[0], problem=problem[1]
-                )
+        pinned = self._read(lambda c: _check_pin(c, pin, top)) if pin is not None else None
+        return self._verdict(total, top, pinned, altered, missing, head)
+
+    def _verdict(
+        self,
+        total: int,
+        top: tuple[int, str],
+        pinned: tuple[int | None, str] | None,
+        altered: list[str],
+        missing: list[str],
+        head: str | None,
+    ) -> VerifyResult:
+        """The result for an intact chain: the pin, then the report columns and triggers."""
+        if pinned:
+            return VerifyResult(
+                False, total, *top, url=self.url, bad_seq=pinned[0], problem=pinned[1]
+            )
         if altered:
             return VerifyResult(
                 False, total, *top, url=self.url,
@@ -1002,6 +1015,121 @@ class PostgresLedger(Ledger):
             )  # fmt: skip
         return VerifyResult(True, total, *top, url=self.url, pinned=head)
 
+    # -- reports
+    # Records per streamed range at least: smaller ledgers are read on one connection.
+    _SURVEY_SPLIT = 50_000
+
+    def survey(
+        self,
+        since: Any = None,
+        until: Any = None,
+        head: str | None = None,
+        *,
+        workers: int = 1,
+        user: str | None = None,
+        host: str | None = None,
+    ) -> tuple[VerifyResult, dict[str, Any]]:
+        """Verify every record and tally the report's figures in one pass over the ledger.
+
+        Hashing and grouping inside PostgreSQL cost several CPU-seconds per million
+        records; streaming them out costs the server little. With the C module each of
+        ``workers`` seq ranges is streamed (COPY, binary) on its own connection, all in one
+        snapshot, and checked and tallied in C; records whose JSON it cannot read as
+        PostgreSQL would are read with the SQL expressions instead. Any failure of the chain
+        is named by ``verify``, so the messages are the same. Without the module, with glob
+        filters, or where text does not sort bytewise, the figures come from ``aggregate``.
+        """
+        if _pgsurvey_fast is None or any(v and _is_glob(v) for v in (user, host)):
+            return super().survey(since, until, head, workers=workers, user=user, host=host)
+        pin = _parse_pin(head) if head else None
+        where, params = self._where(since, until, None, None, user, host)
+        start, end, inclusive = _time_bounds(since, until)
+        timeout = int(max(self.read_timeout, 60) * 1000)
+        conn = self._reader()
+        try:
+            with conn.transaction():
+                conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+                snapshot = conn.execute("SELECT pg_export_snapshot()").fetchone()[0]
+                top, missing, altered, bytewise = _survey_summary(conn)
+                tallying = bytewise and not altered
+                ranges = max(1, min(int(workers), 8, top[0] // self._SURVEY_SPLIT or 1))
+                bounds = [top[0] * i // ranges for i in range(ranges + 1)]
+                with ThreadPoolExecutor(max_workers=1) as pool:
+                    # Figures the C tally cannot give exactly come from the database meanwhile.
+                    by_sql = (
+                        None
+                        if tallying
+                        else pool.submit(self.aggregate, since, until, user=user, host=host)
+                    )
+                    intact, total, odd, tally = self._stream(
+                        snapshot, bounds, timeout, (start, end, inclusive, user, host), tallying
+                    )
+                    usage = (
+                        by_sql.result()
+                        if by_sql
+                        else self._figures(conn, tally, odd, where, params)
+                    )
+                pinned = _check_pin(conn, pin, top) if pin is not None and intact else None
+        except psycopg.Error as exc:
+            raise LedgerError(
+                f"cannot read the PostgreSQL ledger {self.url} ({_one_line(exc)}): connect "
+                "as the ledger's writer or owner role"
+            ) from None
+        finally:
+            conn.close()
+        if not intact or total != top[0]:
+            return self.verify(head, workers=workers), usage
+        return self._verdict(total, top, pinned, altered, missing, head), usage
+
+    def _stream(
+        self, snapshot: str, bounds: list[int], timeout: int, filters: tuple, tallying: bool
+    ) -> tuple[bool, int, list[int], Any]:
+        """The C pass over the ranges; one-line errors."""
+        start, end, inclusive, user, host = filters
+        try:
+            return _pgsurvey_fast.survey(
+                f"{self._conninfo}&client_encoding=UTF8", snapshot, bounds, timeout,
+                start or None, end, inclusive, user or None, host or None, tallying,
+            )  # fmt: skip
+        except _pgsurvey_fast.Error as exc:
+            stage, message = exc.args
+            why = redact_url(re.sub(r"password=\S+", "password=***", str(message)))
+            if stage == "connect":
+                raise LedgerError(self._unreachable(why)) from None
+            raise LedgerError(
+                f"reading the PostgreSQL ledger {self.url} failed ({why}): check that the server "
+                "is running and retry"
+            ) from None
+
+    @staticmethod
+    def _figures(conn: Any, tally: Any, odd: list[int], where: str, params: list[Any]) -> dict:
+        """The tally's figures, with the odd records read by the SQL expressions added."""
+        if odd:
+            clause = (where + " AND " if where else "WHERE ") + "seq = ANY(%s)"
+            rows = conn.execute(
+                f"SELECT time, kind, {_SUBJECT}, {_DETAIL}, {_EXTRA}, host, platform, username, "
+                f"kernel, notebook FROM {SCHEMA}.ledger_records {clause}",
+                [*params, odd],
+            ).fetchall()
+            _pgsurvey_fast.tally_add(tally, rows)
+        groups, distinct, kernels, started, notebooks = _pgsurvey_fast.tally_result(tally)
+        n = len(_AGG_COLUMNS)
+        return {
+            "groups": [
+                {**dict(zip(_AGG_COLUMNS, g[:n], strict=True)),
+                 "first": g[n], "last": g[n + 1], "count": g[n + 2]}
+                for g in groups
+            ],
+            "distinct": [
+                {"kind": d[0], "subject": d[1], "detail": d[2], "extra": d[3],
+                 "kernels": d[4], "notebooks": d[5]}
+                for d in distinct
+            ],
+            "kernels": kernels,
+            "kernels_started": started,
+            "notebooks": sorted(notebooks),
+        }  # fmt: skip
+
     def _check_range(self, lo: int, hi: int) -> int | None:
         """One worker's range on its own connection, so that ranges hash in parallel."""
         try:
@@ -1016,6 +1144,48 @@ class PostgresLedger(Ledger):
             raise LedgerError(f"cannot verify {self.url} ({_one_line(exc)})") from None
         finally:
             conn.close()
+
+
+def _time_bounds(since: Any, until: Any) -> tuple[str | None, str | None, bool]:
+    """A report period as compared with ``time``: start, end, whether the end is included
+    (a date as ``until`` means up to the end of the day before)."""
+    start = parse_time(since) or None
+    if until is None or until == "":
+        return start, None, False
+    is_date = bool(re.fullmatch(r"\s*\d{4}-\d{2}-\d{2}\s*", str(until))) or (
+        hasattr(until, "year") and not hasattr(until, "hour")
+    )
+    return start, parse_time(until, end=True), not is_date
+
+
+def _is_glob(value: str) -> bool:
+    return any(ch in value for ch in "*?[")
+
+
+def _survey_summary(conn: Any) -> tuple[tuple[int, str], list[str], list[str], bool]:
+    """Head, disabled triggers, altered columns, and whether ``time`` sorts bytewise (C
+    collation) as the C tally compares it."""
+    row = conn.execute(
+        f"SELECT seq, hash FROM {SCHEMA}.ledger_records ORDER BY seq DESC LIMIT 1"
+    ).fetchone()
+    guards = conn.execute(
+        "SELECT tgname FROM pg_trigger WHERE tgrelid = %s::regclass AND tgenabled <> 'D'",
+        (f"{SCHEMA}.ledger_records",),
+    ).fetchall()
+    coll = conn.execute(
+        "SELECT c.collname, d.datcollate, to_jsonb(d) ->> 'datlocprovider' "
+        "FROM pg_attribute a JOIN pg_collation c ON c.oid = a.attcollation, pg_database d "
+        "WHERE a.attrelid = %s::regclass AND a.attname = 'time' "
+        "AND d.datname = current_database()",
+        (f"{SCHEMA}.ledger_records",),
+    ).fetchone()
+    bytewise = coll is not None and (
+        coll[0] in ("C", "POSIX", "ucs_basic")
+        or (coll[0] == "default" and coll[1] in ("C", "POSIX") and coll[2] in (None, "c"))
+    )
+    top = (int(row[0]), str(row[1])) if row else (0, GENESIS)
+    missing = sorted(set(_TRIGGERS) - {g[0] for g in guards})
+    return top, missing, _altered_columns(conn), bytewise
 
 
 # Grouping ids of the second aggregation query (GROUPING(k2, nb2, k3)).
