@@ -2,7 +2,8 @@
 
 ``_audit_fast.c`` is the kernel guard's audit hook; ``_chain_fast.c`` walks a SQLite ledger's
 hash chain (it links the system's libsqlite3 and libcrypto, which Python's own sqlite3 and
-hashlib use). Each one that fails to build (no compiler, no headers, or
+hashlib use); ``_pgsurvey_fast.c`` streams a PostgreSQL ledger for a report (libpq). Each
+one that fails to build (no compiler, no headers, or
 ``JUPYTER_DUA_GUARD_NO_C=1``) is left out and its pure-Python equivalent is used instead.
 """
 
@@ -16,11 +17,26 @@ from typing import Any
 
 from hatchling.builders.hooks.plugin.interface import BuildHookInterface
 
-# module name -> (extra linker arguments, what is used without it)
+# module name -> (extra compiler and linker arguments, what is used without it)
 EXTENSIONS = {
     "_audit_fast": ([], "the pure-Python audit hook"),
     "_chain_fast": (["-lsqlite3", "-lcrypto"], "the Python chain walk"),
+    "_pgsurvey_fast": (
+        ["-pthread", "-lpq", "-lcrypto"],
+        "verification and grouping inside PostgreSQL for reports",
+    ),
 }
+
+
+def _libpq_include() -> list[str]:
+    """libpq's header directory (``pg_config --includedir``; Debian's libpq-dev path)."""
+    try:
+        out = subprocess.run(
+            ["pg_config", "--includedir"], capture_output=True, text=True, timeout=30
+        ).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        out = ""
+    return [f"-I{out or '/usr/include/postgresql'}"]
 
 
 class AuditFastBuildHook(BuildHookInterface):
@@ -35,6 +51,8 @@ class AuditFastBuildHook(BuildHookInterface):
         suffix = sysconfig.get_config_var("EXT_SUFFIX") or ".so"
         for name, (libs, fallback) in EXTENSIONS.items():
             target = os.path.join(package, name + suffix)
+            if name == "_pgsurvey_fast":
+                libs = [*_libpq_include(), *libs]
             error = self._compile(os.path.join(package, name + ".c"), target, libs)
             if error:
                 self.app.display_warning(

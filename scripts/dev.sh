@@ -25,13 +25,15 @@ as_root() {
 }
 
 # System packages: Node.js builds the lab extension, the SQLite and OpenSSL headers the C
-# chain walk (without them the build falls back to Python), Chromium runs the browser tests,
+# chain walk and libpq's the C report pass over a PostgreSQL ledger (without them the build
+# falls back to Python), Chromium runs the browser tests,
 # PostgreSQL (server binaries only; the tests start their own cluster on loopback) backs the
 # hub-ledger tests.
 missing=()
 command -v node >/dev/null || missing+=(nodejs npm)
 [ -f /usr/include/sqlite3.h ] || missing+=(libsqlite3-dev)
 [ -f /usr/include/openssl/sha.h ] || missing+=(libssl-dev)
+[ -f /usr/include/postgresql/libpq-fe.h ] || missing+=(libpq-dev)
 if [ "$mode" = test ]; then
   [ -x /usr/bin/chromium ] || missing+=(chromium)
   compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || missing+=(postgresql)
