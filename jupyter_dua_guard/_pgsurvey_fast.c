@@ -480,8 +480,8 @@ typedef struct {
 } entry;
 
 typedef struct {
-    uint64_t h;
-    entry *e;
+    uint32_t tag; /* high half of the hash */
+    uint32_t ref; /* id + 1; 0: free */
 } slot;
 
 typedef struct {
@@ -513,8 +513,8 @@ static uint64_t hash_bytes(const char *s, size_t n)
     while (n >= 8) {
         uint64_t v;
         memcpy(&v, s, 8);
-        h = (h ^ mix64(v)) * 0x9E3779B97F4A7C15ULL;
-        h = (h << 27) | (h >> 37);
+        h = (h ^ v) * 0xff51afd7ed558ccdULL;
+        h = (h << 31) | (h >> 33);
         s += 8;
         n -= 8;
     }
@@ -529,13 +529,12 @@ static int table_grow(table *t)
     slot *slots = calloc(cap, sizeof *slots);
     if (!slots)
         return 0;
-    for (size_t i = 0; i < t->cap; i++) {
-        if (!t->slots[i].e)
-            continue;
-        size_t j = t->slots[i].h & (cap - 1);
-        while (slots[j].e)
+    for (size_t i = 0; i < t->len; i++) {
+        size_t j = t->list[i]->h & (cap - 1);
+        while (slots[j].ref)
             j = (j + 1) & (cap - 1);
-        slots[j] = t->slots[i];
+        slots[j].tag = (uint32_t)(t->list[i]->h >> 32);
+        slots[j].ref = (uint32_t)i + 1;
     }
     free(t->slots);
     t->slots = slots;
@@ -543,17 +542,30 @@ static int table_grow(table *t)
     return 1;
 }
 
-/* The entry for key (created empty when new); NULL when out of memory. */
-static entry *table_get(table *t, const char *key, size_t klen)
+/* Room for one more entry, and the slot where a hash's probe starts brought into cache:
+ * a record's lookups then wait for memory together rather than one after another. */
+static int table_prefetch(table *t, uint64_t h)
+{
+    if ((t->len + 1) * 2 > t->cap && !table_grow(t))
+        return 0;
+    __builtin_prefetch(&t->slots[h & (t->cap - 1)]);
+    return 1;
+}
+
+/* The entry for key with hash h (created empty when new); NULL when out of memory. */
+static entry *table_get_h(table *t, const char *key, size_t klen, uint64_t h)
 {
     if ((t->len + 1) * 2 > t->cap && !table_grow(t))
         return NULL;
-    uint64_t h = hash_bytes(key, klen);
+    uint32_t tag = (uint32_t)(h >> 32);
     size_t j = h & (t->cap - 1);
     entry *e;
-    while ((e = t->slots[j].e) != NULL) {
-        if (t->slots[j].h == h && e->klen == klen && memcmp(e->key, key, klen) == 0)
-            return e;
+    while (t->slots[j].ref) {
+        if (t->slots[j].tag == tag) {
+            e = t->list[t->slots[j].ref - 1];
+            if (e->klen == klen && memcmp(e->key, key, klen) == 0)
+                return e;
+        }
         j = (j + 1) & (t->cap - 1);
     }
     if (t->len == t->listcap) {
@@ -571,10 +583,15 @@ static entry *table_get(table *t, const char *key, size_t klen)
     e->h = h;
     e->klen = (uint32_t)klen;
     e->id = (uint32_t)t->len;
-    t->slots[j].h = h;
-    t->slots[j].e = e;
+    t->slots[j].tag = tag;
+    t->slots[j].ref = (uint32_t)t->len + 1;
     t->list[t->len++] = e;
     return e;
+}
+
+static entry *table_get(table *t, const char *key, size_t klen)
+{
+    return table_get_h(t, key, klen, hash_bytes(key, klen));
 }
 
 static void table_free(table *t)
@@ -589,7 +606,7 @@ static void table_free(table *t)
     memset(t, 0, sizeof *t);
 }
 
-static int set64_add(set64 *s, uint64_t v)
+static int set64_grow(set64 *s)
 {
     if ((s->len + 1) * 2 > s->cap) {
         size_t cap = s->cap ? s->cap * 2 : 1024;
@@ -609,6 +626,19 @@ static int set64_add(set64 *s, uint64_t v)
         s->slots = slots;
         s->cap = cap;
     }
+    return 1;
+}
+
+static void set64_prefetch(set64 *s, uint64_t v)
+{
+    if (s->cap)
+        __builtin_prefetch(&s->slots[mix64(v + 1) & (s->cap - 1)]);
+}
+
+static int set64_add(set64 *s, uint64_t v)
+{
+    if (!set64_grow(s))
+        return 0;
     uint64_t x = v + 1;
     size_t j = mix64(x) & (s->cap - 1);
     while (s->slots[j]) {
@@ -772,16 +802,55 @@ static int add_record(tally *t, const fld *r, int kid)
     size_t need = 64;
     for (int i = 0; i < R_N; i++)
         need += 5 + (r[i].set ? (size_t)r[i].n : 0);
-    if (!key_reserve(t, need))
+    if (!key_reserve(t, 2 * need))
         return 0;
-    char *k = t->key;
-    /* groups: kind, subject, detail, extra, host, platform, user */
-    size_t n = 0;
+    static const fld null = {NULL, 0, 0};
+    const fld *kern = &r[R_KERNEL], *nb = &r[R_NOTEBOOK];
+    int has_kernel = kern->set && kern->n > 0, has_nb = nb->set && nb->n > 0;
+    int per_tool = kid == K_AI || kid == K_STARTED;
+    /* the keys: group (kind, subject, detail, extra, host, platform, user) and tool */
+    char *gk = t->key, *tk = t->key + need;
+    size_t gn = 0, tn = 0;
     for (int i = R_KIND; i <= R_USER; i++)
-        n = key_put(k, n, &r[i]);
-    entry *g = table_get(&t->groups, k, n);
+        gn = key_put(gk, gn, &r[i]);
+    uint64_t gh = hash_bytes(gk, gn), th = 0, kh = 0, nh = 0;
+    if (!table_prefetch(&t->groups, gh))
+        return 0;
+    if (kid != K_OTHER) {
+        tn = key_put(tk, 0, &r[R_KIND]);
+        tn = key_put(tk, tn, &r[R_SUBJECT]);
+        tn = key_put(tk, tn, per_tool ? &null : &r[R_DETAIL]);
+        tn = key_put(tk, tn, per_tool ? &null : &r[R_EXTRA]);
+        th = hash_bytes(tk, tn);
+        if (!table_prefetch(&t->tools, th))
+            return 0;
+        if (has_kernel) {
+            kh = hash_bytes(kern->p, (size_t)kern->n);
+            if (!table_prefetch(&t->kernels, kh))
+                return 0;
+        }
+    }
+    if (has_nb) {
+        nh = hash_bytes(nb->p, (size_t)nb->n);
+        if (!table_prefetch(&t->notebooks, nh))
+            return 0;
+    }
+    entry *g = table_get_h(&t->groups, gk, gn, gh);
     if (!g)
         return 0;
+    entry *nbe = NULL, *tool = NULL, *ke = NULL;
+    if (has_nb && !(nbe = table_get_h(&t->notebooks, nb->p, (size_t)nb->n, nh)))
+        return 0;
+    if (kid != K_OTHER) {
+        if (!(tool = table_get_h(&t->tools, tk, tn, th)))
+            return 0;
+        if (has_kernel && !(ke = table_get_h(&t->kernels, kern->p, (size_t)kern->n, kh)))
+            return 0;
+        if (ke)
+            set64_prefetch(&t->tool_kernels, ((uint64_t)tool->id << 32) | ke->id);
+        if (nbe)
+            set64_prefetch(&t->tool_notebooks, ((uint64_t)tool->id << 32) | nbe->id);
+    }
     g->count++;
     const fld *tm = &r[R_TIME];
     if (tm->set) {
@@ -792,24 +861,10 @@ static int add_record(tally *t, const fld *r, int kid)
             if (!set_time(&g->max, &g->maxlen, &g->maxcap, tm->p, (size_t)tm->n))
                 return 0;
     }
-    const fld *kern = &r[R_KERNEL], *nb = &r[R_NOTEBOOK];
-    entry *nbe = NULL;
-    if (nb->set && nb->n > 0 && !(nbe = table_get(&t->notebooks, nb->p, (size_t)nb->n)))
-        return 0;
-    if (kid == K_OTHER)
-        return 1;
-    static const fld null = {NULL, 0, 0};
-    int per_tool = kid == K_AI || kid == K_STARTED;
-    n = key_put(k, 0, &r[R_KIND]);
-    n = key_put(k, n, &r[R_SUBJECT]);
-    n = key_put(k, n, per_tool ? &null : &r[R_DETAIL]);
-    n = key_put(k, n, per_tool ? &null : &r[R_EXTRA]);
-    entry *tool = table_get(&t->tools, k, n);
     if (!tool)
-        return 0;
-    if (kern->set && kern->n > 0) {
-        entry *ke = table_get(&t->kernels, kern->p, (size_t)kern->n);
-        if (!ke || !set64_add(&t->tool_kernels, ((uint64_t)tool->id << 32) | ke->id))
+        return 1;
+    if (ke) {
+        if (!set64_add(&t->tool_kernels, ((uint64_t)tool->id << 32) | ke->id))
             return 0;
         if (per_tool)
             ke->count = 1;
