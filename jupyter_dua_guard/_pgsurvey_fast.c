@@ -21,6 +21,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#ifdef __SSE2__
+#include <emmintrin.h>
+#endif
 
 #define HASH_HEX 64
 #define MAX_RANGES 8
@@ -80,6 +83,24 @@ static inline void ws(parser *p)
         p->s++;
 }
 
+/* The first '"' or '\\' in s..e (e when none). */
+static inline const char *quote_or_escape(const char *s, const char *e)
+{
+#ifdef __SSE2__
+    const __m128i quote = _mm_set1_epi8('"'), escape = _mm_set1_epi8('\\');
+    while (e - s >= 16) {
+        __m128i v = _mm_loadu_si128((const __m128i *)s);
+        int m = _mm_movemask_epi8(_mm_or_si128(_mm_cmpeq_epi8(v, quote), _mm_cmpeq_epi8(v, escape)));
+        if (m)
+            return s + __builtin_ctz((unsigned)m);
+        s += 16;
+    }
+#endif
+    while (s < e && *s != '"' && *s != '\\')
+        s++;
+    return s;
+}
+
 static int hex4(const char *s, unsigned *out)
 {
     unsigned v = 0;
@@ -108,19 +129,16 @@ static int read_string(parser *p, fld *out)
     /* The closing quote: the first one not escaped (the body is valid JSON: PostgreSQL
      * parsed it when it computed the generated columns, which verify checks are intact). */
     for (;;) {
-        s = memchr(s, '"', (size_t)(p->e - s));
-        if (!s)
+        s = quote_or_escape(s, p->e);
+        if (s >= p->e)
             return 0;
-        const char *b = s;
-        while (b > start && b[-1] == '\\')
-            b--;
-        if (((s - b) & 1) == 0)
+        if (*s == '"')
             break;
         escaped = 1;
-        s++;
+        s += 2;
+        if (s > p->e)
+            return 0;
     }
-    if (!escaped && memchr(start, '\\', (size_t)(s - start)))
-        escaped = 1;
     p->s = s + 1;
     if (!escaped) {
         if (out) {
@@ -370,7 +388,7 @@ static int read_key(parser *p, const char **k, Py_ssize_t *n)
 static int slot_of(const keyslot *keys, const char *k, Py_ssize_t n)
 {
     for (const keyslot *ks = keys; ks->name; ks++)
-        if (ks->len == n && memcmp(ks->name, k, (size_t)n) == 0)
+        if (ks->len == n && ks->name[0] == k[0] && memcmp(ks->name, k, (size_t)n) == 0)
             return ks->slot;
     return -1;
 }
@@ -716,7 +734,8 @@ static int cmp_text(const char *a, size_t an, const char *b, size_t bn)
 enum { K_OTHER, K_AI, K_STARTED, K_BLOCKED, K_ALLOWED, K_FLAGGED, K_READ, K_MODEL, K_REVIEW,
        K_DEFAULTS };
 
-#define IS(k, lit) ((k)->n == sizeof(lit) - 1 && memcmp((k)->p, lit, sizeof(lit) - 1) == 0)
+#define IS(k, lit)                                                                            \
+    ((k)->n == sizeof(lit) - 1 && (k)->p[0] == (lit)[0] && memcmp((k)->p, lit, sizeof(lit) - 1) == 0)
 
 static int kind_id(const fld *k)
 {
