@@ -21,6 +21,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #ifdef __SSE2__
 #include <emmintrin.h>
 #endif
@@ -624,11 +625,28 @@ static void table_free(table *t)
     memset(t, 0, sizeof *t);
 }
 
+/* Zeroed memory for a large table; on huge pages where the kernel offers them, since the
+ * pair sets are probed at random and 4 KB pages make each probe a TLB miss as well. */
+static void *table_alloc(size_t bytes)
+{
+    if (bytes < (4u << 20))
+        return calloc(1, bytes);
+    void *p = NULL;
+    size_t huge = (size_t)2 << 20;
+    if (posix_memalign(&p, huge, (bytes + huge - 1) & ~(huge - 1)) != 0)
+        return NULL;
+#ifdef MADV_HUGEPAGE
+    madvise(p, (bytes + huge - 1) & ~(huge - 1), MADV_HUGEPAGE);
+#endif
+    memset(p, 0, bytes);
+    return p;
+}
+
 static int set64_grow(set64 *s)
 {
     if ((s->len + 1) * 2 > s->cap) {
         size_t cap = s->cap ? s->cap * 2 : 1024;
-        uint64_t *slots = calloc(cap, sizeof *slots);
+        uint64_t *slots = table_alloc(cap * sizeof *slots);
         if (!slots)
             return 0;
         for (size_t i = 0; i < s->cap; i++) {
@@ -677,9 +695,24 @@ typedef struct {
     table tools;     /* kind, subject, detail, extra (per-tool kinds: NULL, NULL) */
     table kernels;   /* report kinds' kernels; count: of a per-tool kind; count2: started */
     set64 tool_kernels, tool_notebooks; /* (tool id, kernel / notebook id) */
+    /* A record's pairs are added with the next record's, once their slots are in cache. */
+    uint64_t pending_kernel, pending_notebook;
+    int has_pending_kernel, has_pending_notebook;
     char *key;       /* key buffer */
     size_t keycap;
 } tally;
+
+static int set64_add(set64 *s, uint64_t v);
+
+static int flush_pairs(tally *t)
+{
+    if (t->has_pending_kernel && !set64_add(&t->tool_kernels, t->pending_kernel))
+        return 0;
+    if (t->has_pending_notebook && !set64_add(&t->tool_notebooks, t->pending_notebook))
+        return 0;
+    t->has_pending_kernel = t->has_pending_notebook = 0;
+    return 1;
+}
 
 static int key_reserve(tally *t, size_t n)
 {
@@ -865,10 +898,6 @@ static int add_record(tally *t, const fld *r, int kid)
             return 0;
         if (has_kernel && !(ke = table_get_h(&t->kernels, kern->p, (size_t)kern->n, kh)))
             return 0;
-        if (ke)
-            set64_prefetch(&t->tool_kernels, ((uint64_t)tool->id << 32) | ke->id);
-        if (nbe)
-            set64_prefetch(&t->tool_notebooks, ((uint64_t)tool->id << 32) | nbe->id);
     }
     g->count++;
     const fld *tm = &r[R_TIME];
@@ -880,18 +909,24 @@ static int add_record(tally *t, const fld *r, int kid)
             if (!set_time(&g->max, &g->maxlen, &g->maxcap, tm->p, (size_t)tm->n))
                 return 0;
     }
+    if (!flush_pairs(t))
+        return 0;
     if (!tool)
         return 1;
     if (ke) {
-        if (!set64_add(&t->tool_kernels, ((uint64_t)tool->id << 32) | ke->id))
-            return 0;
+        t->pending_kernel = ((uint64_t)tool->id << 32) | ke->id;
+        t->has_pending_kernel = 1;
+        set64_prefetch(&t->tool_kernels, t->pending_kernel);
         if (per_tool)
             ke->count = 1;
         if (kid == K_STARTED)
             ke->count2 = 1;
     }
-    if (nbe && !set64_add(&t->tool_notebooks, ((uint64_t)tool->id << 32) | nbe->id))
-        return 0;
+    if (nbe) {
+        t->pending_notebook = ((uint64_t)tool->id << 32) | nbe->id;
+        t->has_pending_notebook = 1;
+        set64_prefetch(&t->tool_notebooks, t->pending_notebook);
+    }
     return 1;
 }
 
@@ -952,7 +987,7 @@ static int merge_pairs(set64 *into, set64 *from, const uint32_t *a, const uint32
 static int tally_merge(tally *into, tally *from)
 {
     uint32_t *tools = NULL, *kernels = NULL, *notebooks = NULL;
-    int ok = merge_table(&into->groups, &from->groups, 1, NULL)
+    int ok = flush_pairs(into) && flush_pairs(from) && merge_table(&into->groups, &from->groups, 1, NULL)
         && merge_table(&into->notebooks, &from->notebooks, 0, &notebooks)
         && merge_table(&into->tools, &from->tools, 0, &tools)
         && merge_table(&into->kernels, &from->kernels, 0, &kernels)
@@ -1520,6 +1555,8 @@ static PyObject *tally_result(PyObject *self, PyObject *args)
         return NULL;
     for (size_t i = 0; i < t->tools.len; i++)
         t->tools.list[i]->count = t->tools.list[i]->count2 = 0;
+    if (!flush_pairs(t))
+        return PyErr_NoMemory();
     count_pairs(&t->tool_kernels, &t->tools, 0);
     count_pairs(&t->tool_notebooks, &t->tools, 1);
     PyObject *groups = PyList_New(0), *distinct = PyList_New(0), *notebooks = PyList_New(0);
