@@ -495,8 +495,16 @@ typedef struct {
     int64_t count, count2;
     char *min, *max; /* groups: first and last time (NULL: none) */
     uint32_t minlen, maxlen, mincap, maxcap;
+    char inl[2][32]; /* where min and max live while they fit */
     char key[];
 } entry;
+
+/* Entries are carved out of large blocks, so that a table's entries lie close together. */
+typedef struct block {
+    struct block *next;
+    size_t used, cap;
+    char data[];
+} block;
 
 typedef struct {
     uint32_t tag; /* high half of the hash */
@@ -508,7 +516,26 @@ typedef struct {
     size_t cap, len;
     entry **list;
     size_t listcap;
+    block *blocks;
 } table;
+
+static void *table_carve(table *t, size_t bytes)
+{
+    bytes = (bytes + 15) & ~(size_t)15;
+    block *b = t->blocks;
+    if (!b || b->cap - b->used < bytes) {
+        size_t cap = bytes > (256u << 10) ? bytes : (256u << 10);
+        b = calloc(1, sizeof *b + cap);
+        if (!b)
+            return NULL;
+        b->cap = cap;
+        b->next = t->blocks;
+        t->blocks = b;
+    }
+    void *p = b->data + b->used;
+    b->used += bytes;
+    return p;
+}
 
 /* A set of (id, id) pairs packed in 64 bits (stored + 1, so that 0 marks a free slot). */
 typedef struct {
@@ -595,7 +622,7 @@ static entry *table_get_h(table *t, const char *key, size_t klen, uint64_t h)
         t->list = list;
         t->listcap = cap;
     }
-    e = calloc(1, sizeof *e + klen);
+    e = table_carve(t, sizeof *e + klen);
     if (!e)
         return NULL;
     memcpy(e->key, key, klen);
@@ -616,9 +643,16 @@ static entry *table_get(table *t, const char *key, size_t klen)
 static void table_free(table *t)
 {
     for (size_t i = 0; i < t->len; i++) {
-        free(t->list[i]->min);
-        free(t->list[i]->max);
-        free(t->list[i]);
+        entry *e = t->list[i];
+        if (e->min != e->inl[0])
+            free(e->min);
+        if (e->max != e->inl[1])
+            free(e->max);
+    }
+    while (t->blocks) {
+        block *next = t->blocks->next;
+        free(t->blocks);
+        t->blocks = next;
     }
     free(t->slots);
     free(t->list);
@@ -741,12 +775,19 @@ static size_t key_put(char *k, size_t off, const fld *f)
     return off + 5 + (size_t)f->n;
 }
 
-static int set_time(char **slot, uint32_t *len, uint32_t *cap, const char *p, size_t n)
+static int set_time(char **slot, uint32_t *len, uint32_t *cap, char *inl, const char *p,
+                    size_t n)
 {
-    if (n > *cap || !*slot) {
-        char *c = realloc(*slot, n + 32);
+    if (!*slot && n <= sizeof((entry *)0)->inl[0]) {
+        *slot = inl;
+        *cap = (uint32_t)sizeof((entry *)0)->inl[0];
+    }
+    if (!*slot || n > *cap) {
+        char *c = malloc(n + 32);
         if (!c)
             return 0;
+        if (*slot && *slot != inl)
+            free(*slot);
         *slot = c;
         *cap = (uint32_t)n + 32;
     }
@@ -903,10 +944,10 @@ static int add_record(tally *t, const fld *r, int kid)
     const fld *tm = &r[R_TIME];
     if (tm->set) {
         if (!g->min || cmp_text(tm->p, (size_t)tm->n, g->min, g->minlen) < 0)
-            if (!set_time(&g->min, &g->minlen, &g->mincap, tm->p, (size_t)tm->n))
+            if (!set_time(&g->min, &g->minlen, &g->mincap, g->inl[0], tm->p, (size_t)tm->n))
                 return 0;
         if (!g->max || cmp_text(tm->p, (size_t)tm->n, g->max, g->maxlen) > 0)
-            if (!set_time(&g->max, &g->maxlen, &g->maxcap, tm->p, (size_t)tm->n))
+            if (!set_time(&g->max, &g->maxlen, &g->maxcap, g->inl[1], tm->p, (size_t)tm->n))
                 return 0;
     }
     if (!flush_pairs(t))
@@ -962,10 +1003,10 @@ static int merge_table(table *into, table *from, int groups, uint32_t **ids)
         }
         d->count += e->count;
         if (e->min && (!d->min || cmp_text(e->min, e->minlen, d->min, d->minlen) < 0)
-            && !set_time(&d->min, &d->minlen, &d->mincap, e->min, e->minlen))
+            && !set_time(&d->min, &d->minlen, &d->mincap, d->inl[0], e->min, e->minlen))
             return 0;
         if (e->max && (!d->max || cmp_text(e->max, e->maxlen, d->max, d->maxlen) > 0)
-            && !set_time(&d->max, &d->maxlen, &d->maxcap, e->max, e->maxlen))
+            && !set_time(&d->max, &d->maxlen, &d->maxcap, d->inl[1], e->max, e->maxlen))
             return 0;
     }
     return 1;
