@@ -387,3 +387,23 @@ def test_backend_killed_mid_stream_is_one_line_error(pg_ledger):
     assert killed
     message = str(info.value)
     assert "\n" not in message and "failed" in message and "retry" in message
+
+
+def test_non_bytewise_collation_takes_the_figures_from_the_database(pg_ledger, split, monkeypatch):
+    """Where ``time`` does not sort bytewise the C pass only verifies; the database groups."""
+    rng = random.Random(5)
+    insert_chain(pg_ledger.owner, [tricky_body(rng, i) for i in range(1, 41)])
+    real = ledger_pg._survey_summary
+    monkeypatch.setattr(ledger_pg, "_survey_summary", lambda conn: (*real(conn)[:3], False))
+    tallying = []
+    stream = ledger_pg.PostgresLedger._stream
+
+    def spy(self, *args):
+        tallying.append(args[-1])
+        return stream(self, *args)
+
+    monkeypatch.setattr(ledger_pg.PostgresLedger, "_stream", spy)
+    with open_ledger(pg_ledger.writer) as ledger:
+        verification, usage = ledger.survey(since="2026-01-03", workers=2)
+        assert verification.ok and tallying == [False]
+        assert normal(usage) == normal(ledger.aggregate(since="2026-01-03"))
