@@ -1,9 +1,10 @@
 """The records package for an NIH request (DUA sec. 22), built from the ledger.
 
 The ledger backend supplies the usage figures together with the chain's verification
-(``Ledger.survey``: both read the whole ledger, side by side; with the C module SQLite tallies
-the figures along its report index, otherwise the database groups them), so events are never
-read one by one in Python. The report closes with the verification result and head hash,
+(``Ledger.survey``: both read the whole ledger; with the C modules SQLite tallies the figures
+along its report index beside the chain walk, and a PostgreSQL ledger's records are streamed
+out, checked and tallied in one pass; otherwise the database groups them), so events are
+never read one by one in Python. The report closes with the verification result and head hash,
 which lets a later ``verify --head`` detect truncation.
 """
 
