@@ -489,13 +489,14 @@ end:
 
 /* Interned strings (and the groups) live in entries; slots keep each entry's hash, so that
  * probing touches one array. Entries are numbered in order of insertion (id). */
-typedef struct {
+typedef struct entry_ {
     uint64_t h;
     uint32_t klen, id;
     int64_t count, count2;
     char *min, *max; /* groups: first and last time (NULL: none) */
     uint32_t minlen, maxlen, mincap, maxcap;
     char inl[2][32]; /* where min and max live while they fit */
+    struct entry_ *tool; /* groups: the tool entry of the same tally, once looked up */
     char key[];
 } entry;
 
@@ -899,29 +900,20 @@ static int add_record(tally *t, const fld *r, int kid)
         return 0;
     static const fld null = {NULL, 0, 0};
     const fld *kern = &r[R_KERNEL], *nb = &r[R_NOTEBOOK];
-    int has_kernel = kern->set && kern->n > 0, has_nb = nb->set && nb->n > 0;
+    int has_kernel = kid != K_OTHER && kern->set && kern->n > 0, has_nb = nb->set && nb->n > 0;
     int per_tool = kid == K_AI || kid == K_STARTED;
-    /* the keys: group (kind, subject, detail, extra, host, platform, user) and tool */
-    char *gk = t->key, *tk = t->key + need;
-    size_t gn = 0, tn = 0;
+    /* the group key: kind, subject, detail, extra, host, platform, user */
+    char *gk = t->key;
+    size_t gn = 0;
     for (int i = R_KIND; i <= R_USER; i++)
         gn = key_put(gk, gn, &r[i]);
-    uint64_t gh = hash_bytes(gk, gn), th = 0, kh = 0, nh = 0;
+    uint64_t gh = hash_bytes(gk, gn), kh = 0, nh = 0;
     if (!table_prefetch(&t->groups, gh))
         return 0;
-    if (kid != K_OTHER) {
-        tn = key_put(tk, 0, &r[R_KIND]);
-        tn = key_put(tk, tn, &r[R_SUBJECT]);
-        tn = key_put(tk, tn, per_tool ? &null : &r[R_DETAIL]);
-        tn = key_put(tk, tn, per_tool ? &null : &r[R_EXTRA]);
-        th = hash_bytes(tk, tn);
-        if (!table_prefetch(&t->tools, th))
+    if (has_kernel) {
+        kh = hash_bytes(kern->p, (size_t)kern->n);
+        if (!table_prefetch(&t->kernels, kh))
             return 0;
-        if (has_kernel) {
-            kh = hash_bytes(kern->p, (size_t)kern->n);
-            if (!table_prefetch(&t->kernels, kh))
-                return 0;
-        }
     }
     if (has_nb) {
         nh = hash_bytes(nb->p, (size_t)nb->n);
@@ -934,11 +926,20 @@ static int add_record(tally *t, const fld *r, int kid)
     entry *nbe = NULL, *tool = NULL, *ke = NULL;
     if (has_nb && !(nbe = table_get_h(&t->notebooks, nb->p, (size_t)nb->n, nh)))
         return 0;
+    if (has_kernel && !(ke = table_get_h(&t->kernels, kern->p, (size_t)kern->n, kh)))
+        return 0;
     if (kid != K_OTHER) {
-        if (!(tool = table_get_h(&t->tools, tk, tn, th)))
-            return 0;
-        if (has_kernel && !(ke = table_get_h(&t->kernels, kern->p, (size_t)kern->n, kh)))
-            return 0;
+        /* the tool (kind, subject, detail, extra; per-tool kinds without the last two)
+         * follows from the group: looked up once per group */
+        if (!(tool = g->tool)) {
+            char *tk = t->key + need;
+            size_t tn = key_put(tk, 0, &r[R_KIND]);
+            tn = key_put(tk, tn, &r[R_SUBJECT]);
+            tn = key_put(tk, tn, per_tool ? &null : &r[R_DETAIL]);
+            tn = key_put(tk, tn, per_tool ? &null : &r[R_EXTRA]);
+            if (!(tool = g->tool = table_get(&t->tools, tk, tn)))
+                return 0;
+        }
     }
     g->count++;
     const fld *tm = &r[R_TIME];
