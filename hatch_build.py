@@ -3,8 +3,8 @@
 ``_audit_fast.c`` is the kernel guard's audit hook; ``_chain_fast.c`` walks a SQLite ledger's
 hash chain (it links the system's libsqlite3 and libcrypto, which Python's own sqlite3 and
 hashlib use); ``_pgsurvey_fast.c`` streams a PostgreSQL ledger for a report (libpq). Each
-one that fails to build (no compiler, no headers, or
-``JUPYTER_DUA_GUARD_NO_C=1``) is left out and its pure-Python equivalent is used instead.
+one that fails to build (no compiler, no headers, or ``JUPYTER_DUA_GUARD_NO_C=1``) is left
+out and its pure-Python equivalent is used instead.
 """
 
 from __future__ import annotations
