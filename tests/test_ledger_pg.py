@@ -404,7 +404,13 @@ def test_version_1_ledger_upgrades_with_its_records_and_queued_events(pg_server,
     with pytest.raises(LedgerError, match="db upgrade"):
         open_ledger(writer)
     done = ledger_pg.db_upgrade(admin)
-    assert done == [f"schema dua_guard upgraded to version {ledger_pg.SCHEMA_VERSION}"]
+    assert done == [
+        f"schema dua_guard upgraded to version {v}" for v in range(2, ledger_pg.SCHEMA_VERSION + 1)
+    ]
+    assert sql(
+        admin, "SELECT count(*) FROM pg_attribute WHERE attrelid = 'dua_guard.ledger_records'"
+        "::regclass AND attname = 'data' AND NOT attisdropped"
+    ) == [(0,)]  # fmt: skip
     with open_ledger(writer) as ledger:
         assert [r["data"]["version"] for r in ledger.records()] == [f"1.{i}" for i in range(5)]
         assert ledger.verify().ok
