@@ -38,7 +38,7 @@ import uuid
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import parse_qsl, quote, urlencode, urlsplit
 
 from . import events
@@ -623,7 +623,7 @@ class PostgresLedger(Ledger):
             [_text_array_bytes([h.encode() for h in heads]),
              _text_array_bytes([t.encode() for t in times])],
         )  # fmt: skip
-        rows, error = _parse_submit_result([result])
+        rows, error, _ = _parse_submit_result([result])
         if rows is None:
             self._drop_connection()
             raise _Unavailable(error)
@@ -1134,33 +1134,43 @@ def _text_array_bytes(items: Iterable[bytes]) -> bytes:
     )
 
 
-def _parse_submit_result(results: list[Any]) -> tuple[list[tuple[int, str, str]] | None, str]:
-    """``submit``'s three arrays as rows, or None and a one-line reason.
+class SubmitResult(NamedTuple):
+    """What one ``submit`` call gave: rows, or why not and whether the link itself failed."""
 
-    Sequence numbers and hex digests never need quoting in an array's text form.
-    """
+    rows: list[tuple[int, str, str]] | None
+    error: str = ""
+    link_failed: bool = False
+
+
+def _parse_submit_result(results: list[Any]) -> SubmitResult:
+    """``submit``'s three arrays as rows (sequence numbers and hex digests never need
+    quoting in an array's text form), or the one-line reason it failed."""
     from psycopg import pq
 
     for res in results:
         if res.status == pq.ExecStatus.TUPLES_OK and res.ntuples == 1 and res.nfields == 3:
             seqs, prevs, hashes = (res.get_value(0, i) or b"{}" for i in range(3))
+            if seqs == b"{}":
+                return SubmitResult([])
             try:
-                rows = list(zip(
-                    (int(x) for x in seqs[1:-1].split(b",") if x),
+                return SubmitResult(list(zip(
+                    (int(x) for x in seqs[1:-1].split(b",")),
                     prevs[1:-1].decode().split(","),
                     hashes[1:-1].decode().split(","),
                     strict=True,
-                ))  # fmt: skip
+                )))  # fmt: skip
             except ValueError:
-                return None, "the submit procedure answered in an unexpected form: run `db upgrade`"
-            return (rows if seqs != b"{}" else []), ""
+                return SubmitResult(None, "the submit procedure answered in an unexpected form")
         if res.status == pq.ExecStatus.FATAL_ERROR:
             message = _one_line(Exception(res.error_message.decode(errors="replace")))
             state = (res.error_field(pq.DiagnosticField.SQLSTATE) or b"").decode()
+            # connection, operator intervention (shutdown, statement timeout), resources
             if state[:2] in ("08", "57", "53", ""):
-                return None, message
-            return None, f"{message} — check `jupyter dua-guard db init` and the role's grants"
-    return None, "the database closed the connection"
+                return SubmitResult(None, message, True)
+            return SubmitResult(
+                None, f"{message} — check `jupyter dua-guard db init` and the role's grants"
+            )
+    return SubmitResult(None, "the database closed the connection", True)
 
 
 def _columns(batch: list[dict[str, Any]]) -> tuple[list[str], list[str]]:

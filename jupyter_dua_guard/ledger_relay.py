@@ -25,6 +25,7 @@ contains a raw tab or newline).
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import select
 import selectors
@@ -37,7 +38,7 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
-__all__ = ["LedgerRelay", "RelayClient", "RelayError", "RelayUnknown"]
+__all__ = ["LedgerRelay", "RelayClient", "RelayError", "RelayUnknown", "relay_url"]
 
 _LENGTH = struct.Struct("!I")
 _MAX_MESSAGE = 64 * 1024 * 1024  # a runaway peer cannot make either side buffer more
@@ -154,11 +155,12 @@ class _Client:
 class _Link:
     """One database connection and the requests its call in flight answers."""
 
-    __slots__ = ("ledger", "pgconn", "waiting")
+    __slots__ = ("fd", "ledger", "pgconn", "waiting")
 
     def __init__(self, ledger: Any) -> None:
         self.ledger = ledger
         self.pgconn: Any = None
+        self.fd = -1
         self.waiting: list[tuple[_Client, int]] | None = None
 
 
@@ -168,9 +170,16 @@ class LedgerRelay:
     Two connections let one batch be chained while the previous one waits for its flush.
     """
 
-    def __init__(self, url: str, socket_path: str | os.PathLike[str], connections: int = 2) -> None:
+    def __init__(
+        self,
+        url: str,
+        socket_path: str | os.PathLike[str],
+        connections: int = 2,
+        log: logging.Logger | None = None,
+    ) -> None:
         from .ledger_pg import _SUBMIT_CALL_PQ, PostgresLedger
 
+        self.log = log or logging.getLogger(__name__)
         self.url = url
         self.path = str(socket_path)
         self._call = _SUBMIT_CALL_PQ
@@ -179,6 +188,7 @@ class LedgerRelay:
         self._selector = selectors.DefaultSelector()
         self._down_until = 0.0
         self._down_why = ""
+        self.stats = {"calls": 0, "events": 0}  # stored through the relay (status, tests)
         self._listener = self._listen()
         self._wake_r, self._wake_w = socket.socketpair()
         self._selector.register(self._listener, selectors.EVENT_READ, "accept")
@@ -210,19 +220,25 @@ class LedgerRelay:
     # -- the loop
     def _run(self) -> None:
         while not self._stopping:
-            for key, _mask in self._selector.select():
-                what = key.data
-                if what == "accept":
-                    self._accept()
-                elif what == "wake":
-                    with contextlib.suppress(OSError):
-                        self._wake_r.recv(64)
-                elif isinstance(what, _Client):
-                    self._read(what)
-                else:
-                    self._answer(what)
-            self._dispatch()
+            try:
+                self._step()
+            except Exception:  # a bug must not silently end the relay: kernels would wait
+                self.log.exception("jupyter-dua-guard: ledger relay error (it keeps serving)")
         self._shutdown()
+
+    def _step(self) -> None:
+        for key, _mask in self._selector.select():
+            what = key.data
+            if what == "accept":
+                self._accept()
+            elif what == "wake":
+                with contextlib.suppress(OSError):
+                    self._wake_r.recv(64)
+            elif isinstance(what, _Client):
+                self._read(what)
+            else:
+                self._answer(what)
+        self._dispatch()
 
     def _accept(self) -> None:
         while True:
@@ -303,20 +319,25 @@ class LedgerRelay:
             raise _Unavailable(self._down_why)
         times, heads = zip(*(line.split(b"\t", 1) for line in lines), strict=True)
         try:
-            conn = link.ledger._connection()
+            pgconn = link.ledger._connection().pgconn
         except _Unavailable as exc:
             self._note_down(str(exc))
             raise
-        pgconn = conn.pgconn
-        pgconn.nonblocking = 1
-        pgconn.send_query_params(self._call, [_text_array_bytes(heads), _text_array_bytes(times)])
-        while pgconn.flush():  # the rest of a large batch: rarely more than one wait
-            select.select([], [pgconn.socket], [], 1.0)
-        link.pgconn = pgconn
-        self._selector.register(pgconn.socket, selectors.EVENT_READ, link)
+        try:
+            pgconn.nonblocking = 1
+            pgconn.send_query_params(
+                self._call, [_text_array_bytes(heads), _text_array_bytes(times)]
+            )
+            while pgconn.flush():  # the rest of a large batch: rarely more than one wait
+                select.select([], [pgconn.socket], [], 1.0)
+        except Exception:
+            link.ledger._drop_connection()  # the next call connects afresh
+            raise
+        link.pgconn, link.fd = pgconn, pgconn.socket
+        self._selector.register(link.fd, selectors.EVENT_READ, link)
 
     def _answer(self, link: _Link) -> None:
-        from .ledger_pg import _parse_submit_result
+        from .ledger_pg import SubmitResult, _parse_submit_result
 
         pgconn = link.pgconn
         try:
@@ -326,16 +347,20 @@ class LedgerRelay:
             results = []
             while (res := pgconn.get_result()) is not None:
                 results.append(res)
-            rows, error = _parse_submit_result(results)
+            outcome = _parse_submit_result(results)
         except Exception as exc:
-            rows, error = None, str(exc)
-        self._selector.unregister(pgconn.socket)
+            outcome = SubmitResult(None, str(exc), True)
+        self._selector.unregister(link.fd)
         batch, link.waiting, link.pgconn = link.waiting or [], None, None
-        if rows is None:
-            self._note_down(error or "no answer")
-            link.ledger._drop_connection()
-            self._fail(batch, error or "no answer")
+        rows = outcome.rows
+        if rows is None or len(rows) != sum(count for _, count in batch):
+            if outcome.link_failed:
+                self._note_down(outcome.error)
+                link.ledger._drop_connection()
+            self._fail(batch, outcome.error or "the submit procedure answered for other events")
             return
+        self.stats["calls"] += 1
+        self.stats["events"] += len(rows)
         start = 0
         for client, count in batch:
             part = rows[start : start + count]
@@ -374,6 +399,10 @@ class LedgerRelay:
         self._wake_w.close()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)
+        parent = Path(self.path).parent
+        if parent.name.startswith("dua-guard-relay-"):  # made for this relay (short path)
+            with contextlib.suppress(OSError):
+                parent.rmdir()
 
 
 def _same_user(conn: socket.socket) -> bool:
@@ -384,3 +413,13 @@ def _same_user(conn: socket.socket) -> bool:
     creds = conn.getsockopt(socket.SOL_SOCKET, option, struct.calcsize("3i"))
     _pid, uid, _gid = struct.unpack("3i", creds)
     return uid == os.getuid()
+
+
+def relay_url(url: str, path: str) -> str:
+    """``url`` with the relay's socket added (kernels' ``JUPYTER_DUA_GUARD_LEDGER``)."""
+    from urllib.parse import parse_qsl, quote, urlencode, urlsplit
+
+    parts = urlsplit(url)
+    query = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True) if k != "relay"]
+    query.append(("relay", path))
+    return f"{parts.scheme}://{parts.netloc}{parts.path}?{urlencode(query, quote_via=quote)}"
