@@ -320,30 +320,59 @@ def postgres(args: argparse.Namespace) -> None:
             )
             return db, server.url("dua_guard_writer", WRITER_PASSWORD, db)
 
+        from jupyter_dua_guard.ledger_relay import LedgerRelay, relay_url
+
+        def relayed(url: str) -> tuple[str, LedgerRelay]:
+            """The hub set-up: this process plays the Jupyter server and runs the relay."""
+            sock_dir = tempfile.mkdtemp(prefix="dua-guard-relay-")
+            relay = LedgerRelay(url, os.path.join(sock_dir, "relay.sock"))
+            return relay_url(url, relay.path), relay
+
         cases = [
-            (1, 1, "single appends", ""),
-            (8, 1, "single appends", ""),
-            (8, 50, "append_many batches of 50", ""),
+            (1, 1, "single appends, direct", "", False, 1),
+            (8, 1, "single appends through the server's relay (hub set-up)", "", True, 0),
+            (8, 1, "single appends, each writer direct to the database", "", False, 0),
+            (8, 50, "append_many batches of 50, direct", "", False, 1),
             (
                 8,
                 1,
-                "single appends, synchronous_commit=off (opt-in: not flushed on return)",
+                "single appends, direct, synchronous_commit=off (opt-in: not flushed on return)",
                 "options=-c%20synchronous_commit%3Doff",
+                False,
+                1,
             ),
         ]
-        for writers, batch, label, extra in cases:
-            _, url = fresh()
-            if extra:
-                url += "?" + extra
-            per = args.appends if batch == 1 else args.appends * 5
-            per = max(batch, per // 2)
-            print(f"  load average before: {os.getloadavg()[0]:.2f}", end="")
-            rate = appends_per_second(url, writers, per, batch)
-            with open_ledger(url) as ledger:
-                result = ledger.verify()
+        relay_rates: list[float] = []
+        for writers, batch, label, extra, via_relay, rounds in cases:
+            rates, intact, load = [], True, os.getloadavg()[0]
+            for _ in range(rounds or args.rounds):
+                _, url = fresh()
+                if extra:
+                    url += "?" + extra
+                relay = None
+                if via_relay:
+                    url, relay = relayed(url)
+                per = args.appends if batch == 1 else args.appends * 5
+                per = max(batch, per // 2)
+                try:
+                    rates.append(appends_per_second(url, writers, per, batch))
+                finally:
+                    if relay is not None:
+                        relay.close()
+                with open_ledger(url) as ledger:
+                    result = ledger.verify()
+                intact = intact and result.ok and result.records == writers * per
+            if via_relay:
+                relay_rates = rates
+            spread = (
+                f" of {len(rates)} rounds ({min(rates):,.0f}-{max(rates):,.0f})"
+                if len(rates) > 1
+                else ""
+            )
             print(
-                f"\r  appends/s, {writers} writer process{'es' if writers > 1 else ''}, {label}: "
-                f"{rate:,.0f}  (records {result.records}, chain intact: {result.ok}; load "
+                f"  appends/s, {writers} writer process{'es' if writers > 1 else ''}, {label}: "
+                f"{'median ' if len(rates) > 1 else ''}{statistics.median(rates):,.0f}{spread}"
+                f"  (complete and intact: {intact}; load before {load:.2f}, after "
                 f"{os.getloadavg()[0]:.2f})"
             )
 
@@ -372,8 +401,11 @@ def postgres(args: argparse.Namespace) -> None:
         print(
             f"    one month (--since 2026-12-01): {wall_p:.2f} s; one user (--user): {wall_u:.2f} s"
         )
+        rate8 = statistics.median(relay_rates) if relay_rates else 0.0
         print(
-            f"  goal check: report <= 2 s: {'met' if wall_r <= 2 else 'NOT met'} ({wall_r:.2f} s)"
+            f"  goal check: 8 writers >= 5,000 appends/s (median, through the relay): "
+            f"{'met' if rate8 >= 5000 else 'NOT met'} ({rate8:,.0f}/s); "
+            f"report <= 2 s: {'met' if wall_r <= 2 else 'NOT met'} ({wall_r:.2f} s)"
         )
     finally:
         server.destroy()
