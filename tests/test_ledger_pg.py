@@ -14,6 +14,7 @@ from pathlib import Path
 
 import psycopg
 import pytest
+from ledger_helpers import check_writers_once_in_order
 from pg_server import ADMIN_PASSWORD, WRITER_PASSWORD, free_port
 
 from jupyter_dua_guard import ledger_pg
@@ -569,15 +570,7 @@ def test_database_stopped_mid_run_then_restarted(pg_ledger, mode):
         p.join(180)
         assert p.exitcode == 0
     assert spooled_during, "no writer spooled while the database was down"
-    with open_ledger(pg_ledger.writer) as ledger:  # flushes spools of writers that ended
-        rows = list(ledger.records())
-        versions = [r["data"]["version"] for r in rows]
-        assert len(versions) == len(set(versions)) == n * writers  # none lost, none twice
-        for wid in range(writers):
-            mine = [int(v.split(".")[1]) for v in versions if v.startswith(f"{wid}.")]
-            assert mine == list(range(n))  # each writer's order kept
-        assert [r["seq"] for r in rows] == list(range(1, n * writers + 1))
-        assert ledger.verify().ok
+    check_writers_once_in_order(pg_ledger.writer, writers, n)  # flushes ended writers' spools
     assert not list(pg_ledger.spool.rglob("spool-*"))
 
 

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+from ledger_helpers import check_writers_once_in_order
 
 from jupyter_dua_guard import ledger_pg
 from jupyter_dua_guard.ledger import open_ledger
@@ -57,18 +58,6 @@ def run_writers(url: str, writers: int, n: int, pause: float = 0.0, during=None)
         assert p.exitcode == 0
 
 
-def check_all_once_in_order(url: str, writers: int, n: int) -> None:
-    with open_ledger(url) as ledger:
-        rows = list(ledger.records())
-        versions = [r["data"]["version"] for r in rows]
-        assert len(versions) == len(set(versions)) == writers * n  # none lost, none twice
-        for wid in range(writers):
-            mine = [int(v.split(".")[1]) for v in versions if v.startswith(f"{wid}.")]
-            assert mine == list(range(n))  # each writer's order kept
-        assert [r["seq"] for r in rows] == list(range(1, writers * n + 1))
-        assert ledger.verify().ok
-
-
 def test_relay_batches_many_writers_into_one_gap_free_chain(pg_ledger, sock_dir):
     relay = LedgerRelay(pg_ledger.writer, sock_dir / "r.sock")
     try:
@@ -77,7 +66,7 @@ def test_relay_batches_many_writers_into_one_gap_free_chain(pg_ledger, sock_dir)
         stats = dict(relay.stats)
     finally:
         relay.close()
-    check_all_once_in_order(pg_ledger.writer, 8, 80)
+    check_writers_once_in_order(pg_ledger.writer, 8, 80)
     assert stats["events"] == 8 * 80  # every append went through the relay...
     assert stats["calls"] < stats["events"]  # ...and writers shared database calls
     assert not (sock_dir / "r.sock").exists()  # a closed relay leaves no socket behind
@@ -141,7 +130,7 @@ def test_relay_killed_mid_run_loses_and_doubles_nothing(pg_ledger, sock_dir):
     finally:
         proc.kill()
         proc.wait()
-    check_all_once_in_order(pg_ledger.writer, 6, 120)
+    check_writers_once_in_order(pg_ledger.writer, 6, 120)
     assert not list(pg_ledger.spool.rglob("spool-*.sqlite"))
 
 
@@ -162,7 +151,7 @@ def test_database_stopped_behind_the_relay(pg_ledger, sock_dir):
         run_writers(url, writers=4, n=150, pause=0.01, during=outage)
     finally:
         relay.close()
-    check_all_once_in_order(pg_ledger.writer, 4, 150)
+    check_writers_once_in_order(pg_ledger.writer, 4, 150)
 
 
 def _frame(payload: bytes) -> bytes:
