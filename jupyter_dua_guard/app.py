@@ -45,6 +45,7 @@ class DUAGuardExtension(ExtensionApp):
     _ledger: Ledger | None = None
     _ledger_lock = threading.Lock()
     proxy: Any = None
+    relay: Any = None
     ai_extension_report: list[dict[str, Any]] = []
     defence: dict[str, Any] = {}
 
@@ -223,7 +224,7 @@ class DUAGuardExtension(ExtensionApp):
         path = write_policy(
             policy_doc, os.path.join(runtime_dir, f"jupyter_dua_guard_policy-{os.getpid()}.json")
         )
-        ledger_url = self.guard.ledger_url or None
+        ledger_url = self._start_relay(self.guard.ledger_url or None)
         proxy_info = self._start_proxy(policy)
         register_server_settings(
             self.serverapp,
@@ -266,6 +267,37 @@ class DUAGuardExtension(ExtensionApp):
             )
             self.log.info("jupyter-dua-guard: server process guarded (%s hook)", _server_guard)
         self.defence["server_process_guarded"] = bool(_server_guard.get("installed"))
+
+    def _start_relay(self, ledger_url: str | None) -> str | None:
+        """Start the append relay for a PostgreSQL ledger; the URL kernels should use."""
+        if not ledger_url or not self.guard.ledger_relay:
+            return ledger_url
+        from urllib.parse import urlsplit
+
+        if urlsplit(ledger_url).scheme.lower() not in ("postgres", "postgresql"):
+            return ledger_url
+        from .ledger_relay import LedgerRelay, relay_url
+
+        name = f"jupyter_dua_guard_relay-{os.getpid()}.sock"
+        path = os.path.join(self.serverapp.runtime_dir, name)
+        if len(path.encode()) > 100:  # beyond what a Unix socket address can hold
+            import tempfile
+
+            path = os.path.join(tempfile.mkdtemp(prefix="dua-guard-relay-"), name)
+        try:
+            self.relay = LedgerRelay(
+                ledger_url, path, self.guard.ledger_relay_connections, log=self.log
+            )
+        except (LedgerError, OSError) as exc:
+            self.log.warning(
+                "jupyter-dua-guard: append relay not started (%s); kernels write to the ledger "
+                "database directly",
+                exc,
+            )
+            return ledger_url
+        self.defence["ledger_relay"] = path
+        self.log.info("jupyter-dua-guard: kernels append to the ledger through %s", path)
+        return relay_url(ledger_url, path)
 
     def _register_event_schema(self) -> None:
         """Let jupyter_events listeners see the ledger's records as they are written."""
@@ -311,6 +343,9 @@ class DUAGuardExtension(ExtensionApp):
         if self.proxy is not None:
             self.proxy.stop()
             self.proxy = None
+        if self.relay is not None:
+            self.relay.close()
+            self.relay = None
         with self._ledger_lock:
             if self._ledger is not None:
                 self._ledger.close()

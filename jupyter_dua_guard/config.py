@@ -102,6 +102,35 @@ class DUAGuard(Configurable):
         ),
     ).tag(config=True)
 
+    ledger_relay = Bool(
+        True,
+        help=(
+            "With a PostgreSQL ledger, run an append relay in the server process: kernels "
+            "send their events to it over a Unix socket in the runtime directory (same user "
+            "only), and it chains whatever has queued with one database call, so that a busy "
+            "server's kernels share transactions and a hub needs a couple of connections per "
+            "server instead of one per kernel. Kernels append directly when the relay is off "
+            "or gone. No effect on SQLite ledgers."
+        ),
+    ).tag(config=True)
+
+    ledger_relay_connections = Int(
+        2,
+        help=(
+            "Database connections of the append relay (DUAGuard.ledger_relay): one batch "
+            "can be chained while the previous one waits for its disk flush."
+        ),
+    ).tag(config=True)
+
+    @validate("ledger_relay_connections")
+    def _check_relay_connections(self, proposal: dict[str, Any]) -> int:
+        value = proposal["value"]
+        if not 1 <= value <= 16:
+            raise TraitError(
+                f"DUAGuard.ledger_relay_connections must be between 1 and 16, got {value}."
+            )
+        return value
+
     @default("ledger_url")
     def _default_ledger_url(self) -> str:
         from .events import ENV_LEDGER

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import psycopg
 import pytest
+from ledger_helpers import check_writers_once_in_order
 from pg_server import ADMIN_PASSWORD, WRITER_PASSWORD, free_port
 
 from jupyter_dua_guard import ledger_pg
@@ -404,7 +405,13 @@ def test_version_1_ledger_upgrades_with_its_records_and_queued_events(pg_server,
     with pytest.raises(LedgerError, match="db upgrade"):
         open_ledger(writer)
     done = ledger_pg.db_upgrade(admin)
-    assert done == [f"schema dua_guard upgraded to version {ledger_pg.SCHEMA_VERSION}"]
+    assert done == [
+        f"schema dua_guard upgraded to version {v}" for v in range(2, ledger_pg.SCHEMA_VERSION + 1)
+    ]
+    assert sql(
+        admin, "SELECT count(*) FROM pg_attribute WHERE attrelid = 'dua_guard.ledger_records'"
+        "::regclass AND attname = 'data' AND NOT attisdropped"
+    ) == [(0,)]  # fmt: skip
     with open_ledger(writer) as ledger:
         assert [r["data"]["version"] for r in ledger.records()] == [f"1.{i}" for i in range(5)]
         assert ledger.verify().ok
@@ -563,15 +570,7 @@ def test_database_stopped_mid_run_then_restarted(pg_ledger, mode):
         p.join(180)
         assert p.exitcode == 0
     assert spooled_during, "no writer spooled while the database was down"
-    with open_ledger(pg_ledger.writer) as ledger:  # flushes spools of writers that ended
-        rows = list(ledger.records())
-        versions = [r["data"]["version"] for r in rows]
-        assert len(versions) == len(set(versions)) == n * writers  # none lost, none twice
-        for wid in range(writers):
-            mine = [int(v.split(".")[1]) for v in versions if v.startswith(f"{wid}.")]
-            assert mine == list(range(n))  # each writer's order kept
-        assert [r["seq"] for r in rows] == list(range(1, n * writers + 1))
-        assert ledger.verify().ok
+    check_writers_once_in_order(pg_ledger.writer, writers, n)  # flushes ended writers' spools
     assert not list(pg_ledger.spool.rglob("spool-*"))
 
 

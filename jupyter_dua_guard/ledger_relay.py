@@ -1,0 +1,456 @@
+"""Append relay for the PostgreSQL ledger: one server's kernels share a few connections.
+
+Every append to the hub ledger is a durable transaction on the database, and a transaction
+costs the server far more than chaining one more record does. A relay runs beside each
+Jupyter server (in its process) and listens on a Unix socket in the user's private runtime
+directory. Kernels send their prepared events there instead of to the database; whenever
+one of the relay's connections is free it takes everything that has queued meanwhile and
+chains it with one ``submit`` call, then answers each kernel with its records once they are
+durable. Under load many kernels' events share each transaction; alone, a kernel's event
+goes out at once. A hub also needs only a couple of connections per server, not one per
+kernel.
+
+The relay adds no trust: it is the user's own process (the socket accepts only the same
+user), the database still chains and hashes, and each kernel checks the hashes it gets back.
+When the relay is gone or fails, a kernel appends directly or spools, as without a relay
+(see ``ledger_pg``): a spool flush skips events already stored, so an answer lost with a
+dying relay never duplicates an event.
+
+The relay is one thread around a ``selectors`` loop, talking to PostgreSQL through libpq's
+non-blocking calls (psycopg's ``pq`` layer): a relay pays a few microseconds per event
+instead of a Python thread hand-off, and frames are plain lines (canonical JSON never
+contains a raw tab or newline).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import select
+import selectors
+import socket
+import stat
+import struct
+import threading
+import time
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+__all__ = ["LedgerRelay", "RelayClient", "RelayError", "RelayUnknown", "relay_url"]
+
+_LENGTH = struct.Struct("!I")
+_MAX_MESSAGE = 64 * 1024 * 1024  # a runaway peer cannot make either side buffer more
+_MAX_BATCH = 1000  # events per database call
+# A call waits up to this long for the kernels that are appending right now (those heard
+# from within _ACTIVE seconds) to send their next events, so that they share it.
+_HOLD = 0.0005
+_ACTIVE = 0.02
+
+
+class RelayError(Exception):
+    """The relay could not be used; nothing was handed over, so send the events elsewhere."""
+
+
+class RelayUnknown(RelayError):
+    """The events were handed over but no records came back: they may be stored or not."""
+
+
+def _frame(payload: bytes) -> bytes:
+    return _LENGTH.pack(len(payload)) + payload
+
+
+def _recv_exact(sock: socket.socket, size: int) -> bytes:
+    buf = bytearray()
+    while len(buf) < size:
+        chunk = sock.recv(size - len(buf))
+        if not chunk:
+            raise ConnectionError("connection closed")
+        buf += chunk
+    return bytes(buf)
+
+
+class RelayClient:
+    """A kernel's connection to its server's relay (one per process; the caller locks)."""
+
+    def __init__(self, path: str, timeout: float) -> None:
+        self.path = path
+        self.timeout = timeout
+        self._sock: socket.socket | None = None
+
+    @property
+    def connected(self) -> bool:
+        return self._sock is not None
+
+    def submit(self, heads: list[str], times: list[str]) -> list[tuple[int, str, str]]:
+        """``(seq, prev, hash)`` of each event, once durable in the database."""
+        payload = "\n".join(t + "\t" + h for h, t in zip(heads, times, strict=True)).encode()
+        sock = self._sock
+        if sock is None:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            _kernel_timeouts(sock, self.timeout)
+            try:
+                sock.connect(self.path)
+            except OSError as exc:
+                sock.close()
+                raise RelayError(f"relay {self.path}: {exc.strerror or exc}") from None
+            self._sock = sock
+        try:
+            sock.sendall(_frame(payload))
+            answer = _read_frame(sock)
+        except (OSError, ValueError) as exc:
+            # Sent in part or whole, or not at all: only a flush can tell, so "unknown".
+            self.close()
+            raise RelayUnknown(f"relay {self.path} gave no answer ({exc})") from None
+        if answer.startswith(b"!"):
+            raise RelayUnknown(answer[1:].decode(errors="replace"))
+        try:
+            rows = [
+                (int(s), p, h)
+                for s, p, h in (line.split("\t") for line in answer.decode().split("\n"))
+            ]
+        except ValueError:
+            rows = []
+        if len(rows) != len(heads):
+            self.close()
+            raise RelayUnknown(f"relay {self.path} gave a malformed answer")
+        return rows
+
+    def close(self) -> None:
+        sock, self._sock = self._sock, None
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.close()
+
+
+def _kernel_timeouts(sock: socket.socket, seconds: float) -> None:
+    """Blocking calls bounded by the kernel (SO_RCVTIMEO/SO_SNDTIMEO): Python's own socket
+    timeouts add a poll() before every call."""
+    whole = int(seconds)
+    value = struct.pack("ll", whole, int((seconds - whole) * 1e6))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, value)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, value)
+
+
+def _read_frame(sock: socket.socket) -> bytes:
+    """One length-prefixed message; usually a single recv()."""
+    buf = sock.recv(1 << 16)
+    if not buf:
+        raise ConnectionError("connection closed")
+    if len(buf) < _LENGTH.size:
+        buf += _recv_exact(sock, _LENGTH.size - len(buf))
+    (size,) = _LENGTH.unpack_from(buf)
+    if size > _MAX_MESSAGE:
+        raise ConnectionError(f"message of {size} bytes")
+    missing = _LENGTH.size + size - len(buf)
+    if missing > 0:
+        buf += _recv_exact(sock, missing)
+    return buf[_LENGTH.size :]
+
+
+class _Client:
+    __slots__ = ("buf", "last", "sock")
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock, self.buf, self.last = sock, bytearray(), 0.0
+
+
+class _Link:
+    """One database connection and the requests its call in flight answers."""
+
+    __slots__ = ("fd", "ledger", "pgconn", "waiting")
+
+    def __init__(self, ledger: Any) -> None:
+        self.ledger = ledger
+        self.pgconn: Any = None
+        self.fd = -1
+        self.waiting: list[tuple[_Client, int]] | None = None
+
+
+class LedgerRelay:
+    """Serve ``socket_path`` for this user's kernels, with ``connections`` calls in flight.
+
+    Two connections let one batch be chained while the previous one waits for its flush.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        socket_path: str | os.PathLike[str],
+        connections: int = 2,
+        log: logging.Logger | None = None,
+    ) -> None:
+        from .ledger_pg import _SUBMIT_CALL_PQ, PostgresLedger
+
+        self.log = log or logging.getLogger(__name__)
+        self.url = url
+        self.path = str(socket_path)
+        self._call = _SUBMIT_CALL_PQ
+        self._links = [_Link(PostgresLedger(url, relay=False)) for _ in range(max(1, connections))]
+        self._queue: deque[tuple[_Client, list[bytes]]] = deque()
+        self._selector = selectors.DefaultSelector()
+        self._down_until = 0.0
+        self._down_why = ""
+        self.stats = {"calls": 0, "events": 0}  # stored through the relay (status, tests)
+        self._listener = self._listen()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._selector.register(self._listener, selectors.EVENT_READ, "accept")
+        self._selector.register(self._wake_r, selectors.EVENT_READ, "wake")
+        self._stopping = False
+        self._timeout: float | None = None
+        self._thread = threading.Thread(target=self._run, daemon=True, name="dua-guard-relay")
+        self._thread.start()
+
+    def _listen(self) -> socket.socket:
+        path = Path(self.path)
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if path.parent.stat().st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+            raise OSError(
+                f"relay directory {path.parent} is writable by other users: use a private one"
+            )
+        with contextlib.suppress(FileNotFoundError):
+            if stat.S_ISSOCK(path.lstat().st_mode):
+                path.unlink()  # left by a relay that died
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old = os.umask(0o177)
+        try:
+            sock.bind(self.path)
+        finally:
+            os.umask(old)
+        sock.listen(128)
+        sock.setblocking(False)
+        return sock
+
+    # -- the loop
+    def _run(self) -> None:
+        while not self._stopping:
+            try:
+                self._step()
+            except Exception:  # a bug must not silently end the relay: kernels would wait
+                self.log.exception("jupyter-dua-guard: ledger relay error (it keeps serving)")
+        self._shutdown()
+
+    def _step(self) -> None:
+        for key, _mask in self._selector.select(self._timeout):
+            what = key.data
+            if what == "accept":
+                self._accept()
+            elif what == "wake":
+                with contextlib.suppress(OSError):
+                    self._wake_r.recv(64)
+            elif isinstance(what, _Client):
+                self._read(what)
+            else:
+                self._answer(what)
+        self._dispatch()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self._listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                return
+            if not _same_user(conn):
+                conn.close()
+                continue
+            # Blocking, with a kernel send timeout: it is read only when the selector says
+            # so, and a kernel that stops reading its answers is dropped, not waited for.
+            _kernel_timeouts(conn, 5.0)
+            self._selector.register(conn, selectors.EVENT_READ, _Client(conn))
+
+    def _drop(self, client: _Client) -> None:
+        with contextlib.suppress(KeyError, ValueError):
+            self._selector.unregister(client.sock)
+        client.sock.close()
+
+    def _read(self, client: _Client) -> None:
+        try:
+            data = client.sock.recv(1 << 16)
+        except OSError:
+            data = b""
+        if not data:
+            self._drop(client)
+            return
+        buf = client.buf
+        buf += data
+        while len(buf) >= _LENGTH.size:
+            (size,) = _LENGTH.unpack_from(buf)
+            if size > _MAX_MESSAGE:
+                self._drop(client)
+                return
+            if len(buf) < _LENGTH.size + size:
+                return
+            lines = bytes(buf[_LENGTH.size : _LENGTH.size + size]).split(b"\n")
+            del buf[: _LENGTH.size + size]
+            if not all(line.count(b"\t") >= 1 for line in lines):
+                self._send(client, b"!malformed request")
+                continue
+            client.last = time.monotonic()
+            self._queue.append((client, lines))
+
+    def _send(self, client: _Client, payload: bytes) -> None:
+        try:
+            client.sock.sendall(_frame(payload))
+        except OSError:
+            self._drop(client)
+
+    # -- database side
+    def _ready(self) -> bool:
+        """Whether to call now: the kernels appending right now have sent their events (all
+        of them but those waiting on another call, or their share of a connection), or the
+        oldest queued event waited long enough."""
+        now = time.monotonic()
+        self._timeout = None
+        if not self._queue:
+            return False
+        queued = {id(client) for client, _ in self._queue}
+        busy = {id(client) for link in self._links for client, _ in (link.waiting or ())}
+        active = sum(
+            1
+            for key in self._selector.get_map().values()
+            if isinstance(key.data, _Client) and now - key.data.last < _ACTIVE
+        )
+        # Each connection carries its share of the active kernels, so that one batch is
+        # chained while the previous one waits for its flush.
+        if len(queued) + len(busy) >= active or len(queued) * len(self._links) >= active:
+            return True
+        waited = now - self._queue[0][0].last
+        if waited >= _HOLD:
+            return True
+        self._timeout = _HOLD - waited
+        return False
+
+    def _dispatch(self) -> None:
+        """Give a free connection what has queued (all of it, up to a batch)."""
+        for link in self._links:
+            if link.waiting is not None:
+                continue
+            if not self._ready():
+                return
+            batch: list[tuple[_Client, int]] = []
+            lines: list[bytes] = []
+            while self._queue and (not lines or len(lines) + len(self._queue[0][1]) <= _MAX_BATCH):
+                client, more = self._queue.popleft()
+                batch.append((client, len(more)))
+                lines += more
+            try:
+                self._start(link, lines)
+            except Exception as exc:  # every kernel must get an answer, whatever went wrong
+                self._fail(batch, str(exc))
+                continue
+            link.waiting = batch
+
+    def _start(self, link: _Link, lines: list[bytes]) -> None:
+        from .ledger_pg import _text_array_bytes, _Unavailable
+
+        if time.monotonic() < self._down_until:
+            raise _Unavailable(self._down_why)
+        times, heads = zip(*(line.split(b"\t", 1) for line in lines), strict=True)
+        try:
+            pgconn = link.ledger._connection().pgconn
+        except _Unavailable as exc:
+            self._note_down(str(exc))
+            raise
+        try:
+            pgconn.nonblocking = 1
+            pgconn.send_query_params(
+                self._call, [_text_array_bytes(heads), _text_array_bytes(times)]
+            )
+            while pgconn.flush():  # the rest of a large batch: rarely more than one wait
+                select.select([], [pgconn.socket], [], 1.0)
+        except Exception:
+            link.ledger._drop_connection()  # the next call connects afresh
+            raise
+        link.pgconn, link.fd = pgconn, pgconn.socket
+        self._selector.register(link.fd, selectors.EVENT_READ, link)
+
+    def _answer(self, link: _Link) -> None:
+        from .ledger_pg import SubmitResult, _parse_submit_result
+
+        pgconn = link.pgconn
+        try:
+            pgconn.consume_input()
+            if pgconn.is_busy():
+                return
+            results = []
+            while (res := pgconn.get_result()) is not None:
+                results.append(res)
+            outcome = _parse_submit_result(results)
+        except Exception as exc:
+            outcome = SubmitResult(None, str(exc), True)
+        self._selector.unregister(link.fd)
+        batch, link.waiting, link.pgconn = link.waiting or [], None, None
+        rows = outcome.rows
+        if rows is None or len(rows) != sum(count for _, count in batch):
+            if outcome.link_failed:
+                self._note_down(outcome.error)
+                link.ledger._drop_connection()
+            self._fail(batch, outcome.error or "the submit procedure answered for other events")
+            return
+        self.stats["calls"] += 1
+        self.stats["events"] += len(rows)
+        start = 0
+        for client, count in batch:
+            part = rows[start : start + count]
+            start += count
+            self._send(client, "\n".join(f"{s}\t{p}\t{h}" for s, p, h in part).encode())
+
+    def _fail(self, batch: list[tuple[_Client, int]], why: str) -> None:
+        message = f"!the relay could not store the events: {why}".encode()
+        for client, _count in batch:
+            self._send(client, message)
+
+    def _note_down(self, why: str) -> None:
+        """After a failure, answer at once for a few seconds (the kernels spool meanwhile)."""
+        self._down_why = why
+        self._down_until = time.monotonic() + 5.0
+
+    # -- stopping
+    def close(self) -> None:
+        """Stop serving; kernels fall back to their own connections."""
+        self._stopping = True
+        with contextlib.suppress(OSError):
+            self._wake_w.send(b"x")
+        self._thread.join(timeout=10)
+
+    def _shutdown(self) -> None:
+        for key in list(self._selector.get_map().values()):
+            if isinstance(key.data, _Client):
+                self._drop(key.data)
+        for link in self._links:
+            if link.waiting:
+                self._fail(link.waiting, "the relay stopped")
+            link.ledger.close()
+        self._selector.close()
+        self._listener.close()
+        self._wake_r.close()
+        self._wake_w.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+        parent = Path(self.path).parent
+        if parent.name.startswith("dua-guard-relay-"):  # made for this relay (short path)
+            with contextlib.suppress(OSError):
+                parent.rmdir()
+
+
+def _same_user(conn: socket.socket) -> bool:
+    """Only this user's processes may append through the relay (Linux: SO_PEERCRED)."""
+    option = getattr(socket, "SO_PEERCRED", None)
+    if option is None:
+        return True  # the socket's mode (0600 in a private directory) is the guard
+    creds = conn.getsockopt(socket.SOL_SOCKET, option, struct.calcsize("3i"))
+    _pid, uid, _gid = struct.unpack("3i", creds)
+    return uid == os.getuid()
+
+
+def relay_url(url: str, path: str) -> str:
+    """``url`` with the relay's socket added (kernels' ``JUPYTER_DUA_GUARD_LEDGER``)."""
+    from urllib.parse import parse_qsl, quote, urlencode, urlsplit
+
+    parts = urlsplit(url)
+    query = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True) if k != "relay"]
+    query.append(("relay", path))
+    return f"{parts.scheme}://{parts.netloc}{parts.path}?{urlencode(query, quote_via=quote)}"
