@@ -645,6 +645,23 @@ static entry *table_get_h(table *t, const char *key, size_t klen, uint64_t h)
     return e;
 }
 
+/* The entry for key, or NULL; never adds one (the filter sets are shared by the threads). */
+static entry *table_find(const table *t, const char *key, size_t klen)
+{
+    if (!t->cap)
+        return NULL;
+    uint64_t h = hash_bytes(key, klen);
+    uint32_t tag = (uint32_t)(h >> 32);
+    for (size_t j = h & (t->cap - 1); t->slots[j].ref; j = (j + 1) & (t->cap - 1)) {
+        if (t->slots[j].tag == tag) {
+            entry *e = t->list[t->slots[j].ref - 1];
+            if (e->klen == klen && memcmp(e->key, key, klen) == 0)
+                return e;
+        }
+    }
+    return NULL;
+}
+
 static entry *table_get(table *t, const char *key, size_t klen)
 {
     return table_get_h(t, key, klen, hash_bytes(key, klen));
@@ -1058,8 +1075,9 @@ typedef struct {
     long long lo, hi;
     int first, last; /* the range opens at the ledger's start / ends at its head */
     int timeout_ms;
-    const char *since, *until, *user, *host;
-    Py_ssize_t since_n, until_n, user_n, host_n;
+    const char *since, *until;
+    Py_ssize_t since_n, until_n;
+    const table *users, *hosts; /* the users / hosts a report covers (NULL: all) */
     int until_inclusive, tallying;
     /* out */
     tally t;
@@ -1142,11 +1160,9 @@ static int passes(range_job *j, const fld *r)
         if (c > 0 || (c == 0 && !j->until_inclusive))
             return 0;
     }
-    if (j->user && (!r[R_USER].set || r[R_USER].n != j->user_n
-                    || memcmp(r[R_USER].p, j->user, (size_t)j->user_n) != 0))
+    if (j->users && (!r[R_USER].set || !table_find(j->users, r[R_USER].p, (size_t)r[R_USER].n)))
         return 0;
-    if (j->host && (!r[R_HOST].set || r[R_HOST].n != j->host_n
-                    || memcmp(r[R_HOST].p, j->host, (size_t)j->host_n) != 0))
+    if (j->hosts && (!r[R_HOST].set || !table_find(j->hosts, r[R_HOST].p, (size_t)r[R_HOST].n)))
         return 0;
     return 1;
 }
@@ -1359,9 +1375,33 @@ static const char *opt_text(PyObject *o, Py_ssize_t *n)
     return PyUnicode_AsUTF8AndSize(o, n);
 }
 
+/* A filter's values (None: no filter) as a set; *active says whether it filters at all. */
+static int filter_set(PyObject *o, table *t, int *active)
+{
+    *active = o != Py_None;
+    if (o == Py_None)
+        return 1;
+    PyObject *seq = PySequence_Fast(o, "user / host: None or a sequence of str");
+    if (!seq)
+        return 0;
+    for (Py_ssize_t i = 0; i < PySequence_Fast_GET_SIZE(seq); i++) {
+        Py_ssize_t n;
+        const char *v = PyUnicode_AsUTF8AndSize(PySequence_Fast_GET_ITEM(seq, i), &n);
+        if (!v || !table_get(t, v, (size_t)n)) {
+            if (v)
+                PyErr_NoMemory();
+            Py_DECREF(seq);
+            return 0;
+        }
+    }
+    Py_DECREF(seq);
+    return 1;
+}
+
 PyDoc_STRVAR(survey_doc,
-"survey(conninfo, snapshot, bounds, timeout_ms, since, until, until_inclusive, user, host,\n"
+"survey(conninfo, snapshot, bounds, timeout_ms, since, until, until_inclusive, users, hosts,\n"
 "       tallying) -> (intact, rows, odd_seqs, tally)\n\n"
+"users / hosts: None (everyone) or the names a report covers.\n"
 "Stream the records of each range bounds[i]..bounds[i+1] on its own connection (in the\n"
 "exported snapshot), verify them and tally the report figures of those passing the filters.");
 
@@ -1388,15 +1428,22 @@ static PyObject *survey(PyObject *self, PyObject *args)
         if (b[i] == -1 && PyErr_Occurred())
             return NULL;
     }
-    Py_ssize_t since_n = 0, until_n = 0, user_n = 0, host_n = 0;
-    const char *since = opt_text(o_since, &since_n), *until = opt_text(o_until, &until_n),
-               *user = opt_text(o_user, &user_n), *host = opt_text(o_host, &host_n);
+    Py_ssize_t since_n = 0, until_n = 0;
+    const char *since = opt_text(o_since, &since_n), *until = opt_text(o_until, &until_n);
     if (PyErr_Occurred())
         return NULL;
+    table users = {0}, hosts = {0};
+    int by_user, by_host;
     int nr = (int)(nb - 1);
-    range_job *jobs = calloc((size_t)nr, sizeof *jobs);
-    if (!jobs)
-        return PyErr_NoMemory();
+    range_job *jobs = NULL;
+    PyObject *result = NULL;
+    if (!filter_set(o_user, &users, &by_user) || !filter_set(o_host, &hosts, &by_host))
+        goto done;
+    jobs = calloc((size_t)nr, sizeof *jobs);
+    if (!jobs) {
+        PyErr_NoMemory();
+        goto done;
+    }
     for (int i = 0; i < nr; i++) {
         range_job *j = &jobs[i];
         j->conninfo = conninfo;
@@ -1408,8 +1455,8 @@ static PyObject *survey(PyObject *self, PyObject *args)
         j->timeout_ms = timeout_ms;
         j->since = since, j->since_n = since_n;
         j->until = until, j->until_n = until_n;
-        j->user = user, j->user_n = user_n;
-        j->host = host, j->host_n = host_n;
+        j->users = by_user ? &users : NULL;
+        j->hosts = by_host ? &hosts : NULL;
         j->until_inclusive = until_inclusive;
         j->tallying = tallying;
     }
@@ -1427,7 +1474,6 @@ static PyObject *survey(PyObject *self, PyObject *args)
     }
     Py_END_ALLOW_THREADS
 
-    PyObject *result = NULL;
     int intact = 1;
     long long rows = 0;
     for (int i = 0; i < nr; i++) {
@@ -1483,11 +1529,13 @@ static PyObject *survey(PyObject *self, PyObject *args)
     else
         Py_DECREF(cap);
 done:
-    for (int i = 0; i < nr; i++) {
+    for (int i = 0; jobs && i < nr; i++) {
         tally_free(&jobs[i].t);
         free(jobs[i].odd);
     }
     free(jobs);
+    table_free(&users);
+    table_free(&hosts);
     return result;
 }
 

@@ -1089,10 +1089,12 @@ class PostgresLedger(Ledger):
         ``workers`` seq ranges is streamed (COPY, binary) on its own connection, all in one
         snapshot, and checked and tallied in C; records whose JSON it cannot read as
         PostgreSQL would are read with the SQL expressions instead. Any failure of the chain
-        is named by ``verify``, so the messages are the same. Without the module, with glob
-        filters, or where text does not sort bytewise, the figures come from ``aggregate``.
+        is named by ``verify``, so the messages are the same. Glob ``user`` / ``host``
+        filters are matched by the database against the names in the ledger first. Without
+        the module, or where text does not sort bytewise or a report column was altered, the
+        figures come from ``aggregate``.
         """
-        if _pgsurvey_fast is None or any(v and _is_glob(v) for v in (user, host)):
+        if _pgsurvey_fast is None:
             return super().survey(since, until, head, workers=workers, user=user, host=host)
         pin = _parse_pin(head) if head else None
         where, params = self._where(since, until, None, None, user, host)
@@ -1105,6 +1107,7 @@ class PostgresLedger(Ledger):
                 snapshot = conn.execute("SELECT pg_export_snapshot()").fetchone()[0]
                 top, missing, altered, bytewise = _survey_summary(conn)
                 tallying = bytewise and not altered
+                who = (_covered(conn, "username", user), _covered(conn, "host", host))
                 ranges = max(1, min(int(workers), 8, top[0] // self._SURVEY_SPLIT or 1))
                 bounds = [top[0] * i // ranges for i in range(ranges + 1)]
                 with ThreadPoolExecutor(max_workers=1) as pool:
@@ -1115,7 +1118,7 @@ class PostgresLedger(Ledger):
                         else pool.submit(self.aggregate, since, until, user=user, host=host)
                     )
                     intact, total, odd, tally = self._stream(
-                        snapshot, bounds, timeout, (start, end, inclusive, user, host), tallying
+                        snapshot, bounds, timeout, (start, end, inclusive, *who), tallying
                     )
                     usage = (
                         by_sql.result()
@@ -1138,11 +1141,11 @@ class PostgresLedger(Ledger):
         self, snapshot: str, bounds: list[int], timeout: int, filters: tuple, tallying: bool
     ) -> tuple[bool, int, list[int], Any]:
         """The C pass over the ranges; one-line errors."""
-        start, end, inclusive, user, host = filters
+        start, end, inclusive, users, hosts = filters
         try:
             return _pgsurvey_fast.survey(
                 f"{self._conninfo}&client_encoding=UTF8", snapshot, bounds, timeout,
-                start or None, end, inclusive, user or None, host or None, tallying,
+                start or None, end, inclusive, users, hosts, tallying,
             )  # fmt: skip
         except _pgsurvey_fast.Error as exc:
             stage, message = exc.args
@@ -1214,6 +1217,21 @@ def _time_bounds(since: Any, until: Any) -> tuple[str | None, str | None, bool]:
 
 def _is_glob(value: str) -> bool:
     return any(ch in value for ch in "*?[")
+
+
+def _covered(conn: Any, column: str, value: str | None) -> list[str] | None:
+    """The users or hosts a ``--user`` / ``--host`` filter covers (None: everyone): a glob
+    is matched by the database, as ``_where`` does, against the names in the ledger."""
+    if not value:
+        return None
+    if not _is_glob(value):
+        return [value]
+    rows = conn.execute(
+        f"SELECT name FROM (SELECT DISTINCT {column} AS name FROM {SCHEMA}.ledger_records) AS d "
+        "WHERE name ~ %s",
+        (_glob_regex(value),),
+    ).fetchall()
+    return [r[0] for r in rows]
 
 
 def _survey_summary(conn: Any) -> tuple[tuple[int, str], list[str], list[str], bool]:
