@@ -1070,10 +1070,43 @@ static int tally_merge(tally *into, tally *from)
 /* ------------------------------------------------------------------ one range */
 
 typedef struct {
+    long long seq;
+    char hex[HASH_HEX];
+} link_end;
+
+typedef struct {
+    link_end *items;
+    size_t len, cap;
+} link_list;
+
+static int link_push(link_list *l, long long seq, const char *hex)
+{
+    if (l->len == l->cap) {
+        size_t cap = l->cap ? l->cap * 2 : 16;
+        link_end *items = realloc(l->items, cap * sizeof *items);
+        if (!items)
+            return 0;
+        l->items = items;
+        l->cap = cap;
+    }
+    l->items[l->len].seq = seq;
+    memcpy(l->items[l->len].hex, hex, HASH_HEX);
+    l->len++;
+    return 1;
+}
+
+static int link_cmp(const void *a, const void *b)
+{
+    long long x = ((const link_end *)a)->seq, y = ((const link_end *)b)->seq;
+    return x < y ? -1 : x > y;
+}
+
+typedef struct {
     /* in */
     const char *conninfo, *snapshot;
-    long long lo, hi;
-    int first, last; /* the range opens at the ledger's start / ends at its head */
+    long long lo, hi; /* seq after lo up to hi, or (by_block) heap blocks lo up to hi */
+    int first, last;  /* the range opens at the ledger's start / ends at its head */
+    int by_block;
     int timeout_ms;
     const char *since, *until;
     Py_ssize_t since_n, until_n;
@@ -1082,9 +1115,13 @@ typedef struct {
     /* out */
     tally t;
     int intact; /* every record of the range checked out */
-    long long rows, last_seq;
-    char first_prev[HASH_HEX], last_hash[HASH_HEX];
+    long long rows, last_seq, min_seq, max_seq;
+    char last_hash[HASH_HEX];
     int seen_first;
+    /* Where the stream is not in seq order (heap order after concurrent inserts or an
+     * edit): the records that open a run (seq, prev) and that close one (seq, hash); the
+     * runs' links are checked across all ranges at the end. */
+    link_list heads, tails;
     long long *odd;
     size_t nodd, capodd;
     char error[512];
@@ -1204,16 +1241,6 @@ static int take_row(range_job *j, const unsigned char *p, size_t n, char **scrat
                *body = (const char *)val[3];
     if (j->intact) {
         int good = len[1] == HASH_HEX && len[2] == HASH_HEX && len[3] >= 0;
-        if (good && !j->seen_first) {
-            memcpy(j->first_prev, prev, HASH_HEX);
-            good = seq == j->lo + 1;
-            if (good && j->lo == 0) {
-                for (int i = 0; i < HASH_HEX && good; i++)
-                    good = prev[i] == '0';
-            }
-        } else if (good) {
-            good = seq == j->last_seq + 1 && memcmp(prev, j->last_hash, HASH_HEX) == 0;
-        }
         if (good) {
             SHA256_CTX ctx;
             unsigned char digest[SHA256_DIGEST_LENGTH];
@@ -1225,11 +1252,24 @@ static int take_row(range_job *j, const unsigned char *p, size_t n, char **scrat
             for (int i = 0; i < SHA256_DIGEST_LENGTH && good; i++)
                 good = hash[2 * i] == HEX[digest[i] >> 4] && hash[2 * i + 1] == HEX[digest[i] & 15];
         }
-        if (good) {
+        if (good && j->seen_first && seq == j->last_seq + 1) {
+            good = memcmp(prev, j->last_hash, HASH_HEX) == 0;
+        } else if (good) { /* a run ends before this record, another starts with it */
+            if ((j->seen_first && !link_push(&j->tails, j->last_seq, j->last_hash))
+                || !link_push(&j->heads, seq, prev)) {
+                snprintf(j->error, sizeof j->error, "out of memory");
+                return 0;
+            }
+        }
+        if (good)
             memcpy(j->last_hash, hash, HASH_HEX);
-        } else
+        else
             j->intact = 0;
     }
+    if (!j->seen_first || seq < j->min_seq)
+        j->min_seq = seq;
+    if (!j->seen_first || seq > j->max_seq)
+        j->max_seq = seq;
     j->seen_first = 1;
     j->last_seq = seq;
     if (!j->tallying)
@@ -1287,14 +1327,25 @@ static void *run_range(void *arg)
     if (!exec_ok(j, conn, sql))
         goto out;
     char where[160] = "";
-    if (!j->first && !j->last)
-        snprintf(where, sizeof where, "WHERE seq > %lld AND seq <= %lld", j->lo, j->hi);
+    if (j->by_block) { /* heap order: a TID range scan, the cheapest read of the table */
+        if (!j->first && !j->last)
+            snprintf(where, sizeof where, "WHERE ctid >= '(%lld,0)' AND ctid < '(%lld,0)'",
+                     j->lo, j->hi);
+        else if (!j->first)
+            snprintf(where, sizeof where, "WHERE ctid >= '(%lld,0)'", j->lo);
+        else if (!j->last)
+            snprintf(where, sizeof where, "WHERE ctid < '(%lld,0)'", j->hi);
+    } else if (!j->first && !j->last)
+        snprintf(where, sizeof where, "WHERE seq > %lld AND seq <= %lld ORDER BY seq", j->lo,
+                 j->hi);
     else if (!j->first)
-        snprintf(where, sizeof where, "WHERE seq > %lld", j->lo);
+        snprintf(where, sizeof where, "WHERE seq > %lld ORDER BY seq", j->lo);
     else if (!j->last)
-        snprintf(where, sizeof where, "WHERE seq <= %lld", j->hi);
+        snprintf(where, sizeof where, "WHERE seq <= %lld ORDER BY seq", j->hi);
+    else
+        snprintf(where, sizeof where, "ORDER BY seq");
     snprintf(sql, sizeof sql,
-             "COPY (SELECT seq, prev, hash, body FROM dua_guard.ledger_records %s ORDER BY seq) "
+             "COPY (SELECT seq, prev, hash, body FROM dua_guard.ledger_records %s) "
              "TO STDOUT (FORMAT binary)",
              where);
     PGresult *res = PQexec(conn, sql);
@@ -1349,12 +1400,61 @@ static void *run_range(void *arg)
         PQclear(res);
     if (!j->error[0])
         exec_ok(j, conn, "COMMIT");
-    if (j->intact && (!j->seen_first ? j->hi > j->lo : j->last_seq != j->hi))
-        j->intact = 0; /* records missing at the end of the range */
+    if (j->intact && j->seen_first && !link_push(&j->tails, j->last_seq, j->last_hash))
+        snprintf(j->error, sizeof j->error, "out of memory");
 out:
     free(scratch);
     PQfinish(conn);
     return NULL;
+}
+
+/* Whether the ranges' records are exactly 1..top, each linked to the one before: every
+ * record was hashed and linked within its run; a run's first record must link to the last
+ * record of the run that holds its predecessor (seq are unique: the primary key). 1: yes,
+ * 0: no, -1: out of memory. */
+static int chain_complete(range_job *jobs, int nr, long long top, long long rows)
+{
+    long long lo = 0, hi = 0;
+    int any = 0;
+    for (int i = 0; i < nr; i++) {
+        if (!jobs[i].rows)
+            continue;
+        if (!any || jobs[i].min_seq < lo)
+            lo = jobs[i].min_seq;
+        if (!any || jobs[i].max_seq > hi)
+            hi = jobs[i].max_seq;
+        any = 1;
+    }
+    if (rows != top || (any && (lo != 1 || hi != top)))
+        return 0; /* seq unique, top of them, all within 1..top: exactly 1..top */
+    size_t n = 0;
+    for (int i = 0; i < nr; i++)
+        n += jobs[i].tails.len;
+    link_end *tails = malloc((n ? n : 1) * sizeof *tails);
+    if (!tails)
+        return -1;
+    n = 0;
+    for (int i = 0; i < nr; i++) {
+        memcpy(tails + n, jobs[i].tails.items, jobs[i].tails.len * sizeof *tails);
+        n += jobs[i].tails.len;
+    }
+    qsort(tails, n, sizeof *tails, link_cmp);
+    int ok = 1;
+    for (int i = 0; i < nr && ok; i++) {
+        for (size_t k = 0; k < jobs[i].heads.len && ok; k++) {
+            const link_end *h = &jobs[i].heads.items[k];
+            if (h->seq == 1) {
+                for (int c = 0; c < HASH_HEX && ok; c++)
+                    ok = h->hex[c] == '0'; /* the genesis link */
+                continue;
+            }
+            link_end want = {h->seq - 1, {0}};
+            const link_end *t = bsearch(&want, tails, n, sizeof *tails, link_cmp);
+            ok = t != NULL && memcmp(t->hex, h->hex, HASH_HEX) == 0;
+        }
+    }
+    free(tails);
+    return ok;
 }
 
 /* ------------------------------------------------------------------ Python interface */
@@ -1399,8 +1499,10 @@ static int filter_set(PyObject *o, table *t, int *active)
 }
 
 PyDoc_STRVAR(survey_doc,
-"survey(conninfo, snapshot, bounds, timeout_ms, since, until, until_inclusive, users, hosts,\n"
-"       tallying) -> (intact, rows, odd_seqs, tally)\n\n"
+"survey(conninfo, snapshot, bounds, by_block, top, timeout_ms, since, until, until_inclusive,\n"
+"       users, hosts, tallying) -> (intact, rows, odd_seqs, tally)\n\n"
+"bounds: seq bounds, or heap block bounds (by_block: TID range scans, PostgreSQL 14+);\n"
+"top: the head's seq, which the records must reach from 1 without a gap.\n"
 "users / hosts: None (everyone) or the names a report covers.\n"
 "Stream the records of each range bounds[i]..bounds[i+1] on its own connection (in the\n"
 "exported snapshot), verify them and tally the report figures of those passing the filters.");
@@ -1409,9 +1511,11 @@ static PyObject *survey(PyObject *self, PyObject *args)
 {
     const char *conninfo, *snapshot;
     PyObject *bounds, *o_since, *o_until, *o_user, *o_host;
-    int timeout_ms, until_inclusive, tallying;
-    if (!PyArg_ParseTuple(args, "szOiOOpOOp", &conninfo, &snapshot, &bounds, &timeout_ms,
-                          &o_since, &o_until, &until_inclusive, &o_user, &o_host, &tallying))
+    int timeout_ms, until_inclusive, tallying, by_block;
+    long long top;
+    if (!PyArg_ParseTuple(args, "szOpLiOOpOOp", &conninfo, &snapshot, &bounds, &by_block, &top,
+                          &timeout_ms, &o_since, &o_until, &until_inclusive, &o_user, &o_host,
+                          &tallying))
         return NULL;
     Py_ssize_t nb = PySequence_Size(bounds);
     if (nb < 2 || nb - 1 > MAX_RANGES) {
@@ -1459,6 +1563,7 @@ static PyObject *survey(PyObject *self, PyObject *args)
         j->hosts = by_host ? &hosts : NULL;
         j->until_inclusive = until_inclusive;
         j->tallying = tallying;
+        j->by_block = by_block;
     }
     pthread_t threads[MAX_RANGES];
     int started[MAX_RANGES] = {0};
@@ -1487,9 +1592,16 @@ static PyObject *survey(PyObject *self, PyObject *args)
         }
         rows += j->rows;
         intact &= j->intact;
-        if (i > 0 && intact && memcmp(j->first_prev, jobs[i - 1].last_hash, HASH_HEX) != 0)
-            intact = 0; /* the boundary link */
     }
+    int linked;
+    Py_BEGIN_ALLOW_THREADS
+    linked = intact && chain_complete(jobs, nr, top, rows);
+    Py_END_ALLOW_THREADS
+    if (linked < 0) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    intact = linked;
     tally *t = malloc(sizeof *t);
     if (!t) {
         PyErr_NoMemory();
@@ -1532,6 +1644,8 @@ done:
     for (int i = 0; jobs && i < nr; i++) {
         tally_free(&jobs[i].t);
         free(jobs[i].odd);
+        free(jobs[i].heads.items);
+        free(jobs[i].tails.items);
     }
     free(jobs);
     table_free(&users);
