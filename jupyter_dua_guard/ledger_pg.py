@@ -1071,6 +1071,8 @@ class PostgresLedger(Ledger):
     # -- reports
     # Records per streamed range at least: smaller ledgers are read on one connection.
     _SURVEY_SPLIT = 50_000
+    # The server version from which ranges are heap blocks (TID range scans).
+    _BLOCK_RANGES_FROM = 140000
 
     def survey(
         self,
@@ -1112,7 +1114,7 @@ class PostgresLedger(Ledger):
                 # Ranges of heap blocks where the server can scan them (TID range scans,
                 # PostgreSQL 14): cheaper than walking the primary key; links are checked in
                 # any order. Otherwise ranges of seq, read in order.
-                by_block = conn.info.server_version >= 140000
+                by_block = conn.info.server_version >= self._BLOCK_RANGES_FROM
                 size = top[0]
                 if by_block:
                     size = conn.execute(
