@@ -43,10 +43,6 @@ __all__ = ["LedgerRelay", "RelayClient", "RelayError", "RelayUnknown", "relay_ur
 _LENGTH = struct.Struct("!I")
 _MAX_MESSAGE = 64 * 1024 * 1024  # a runaway peer cannot make either side buffer more
 _MAX_BATCH = 1000  # events per database call
-# A call waits up to this long for the kernels that are appending right now (those heard
-# from within _ACTIVE seconds) to send their next events, so that they share it.
-_HOLD = 0.0005
-_ACTIVE = 0.02
 
 
 class RelayError(Exception):
@@ -150,10 +146,10 @@ def _read_frame(sock: socket.socket) -> bytes:
 
 
 class _Client:
-    __slots__ = ("buf", "last", "sock")
+    __slots__ = ("buf", "sock")
 
     def __init__(self, sock: socket.socket) -> None:
-        self.sock, self.buf, self.last = sock, bytearray(), 0.0
+        self.sock, self.buf = sock, bytearray()
 
 
 class _Link:
@@ -198,7 +194,6 @@ class LedgerRelay:
         self._selector.register(self._listener, selectors.EVENT_READ, "accept")
         self._selector.register(self._wake_r, selectors.EVENT_READ, "wake")
         self._stopping = False
-        self._timeout: float | None = None
         self._thread = threading.Thread(target=self._run, daemon=True, name="dua-guard-relay")
         self._thread.start()
 
@@ -232,7 +227,7 @@ class LedgerRelay:
         self._shutdown()
 
     def _step(self) -> None:
-        for key, _mask in self._selector.select(self._timeout):
+        for key, _mask in self._selector.select():
             what = key.data
             if what == "accept":
                 self._accept()
@@ -288,7 +283,6 @@ class LedgerRelay:
             if not all(line.count(b"\t") >= 1 for line in lines):
                 self._send(client, b"!malformed request")
                 continue
-            client.last = time.monotonic()
             self._queue.append((client, lines))
 
     def _send(self, client: _Client, payload: bytes) -> None:
@@ -298,38 +292,13 @@ class LedgerRelay:
             self._drop(client)
 
     # -- database side
-    def _ready(self) -> bool:
-        """Whether to call now: the kernels appending right now have sent their events (all
-        of them but those waiting on another call, or their share of a connection), or the
-        oldest queued event waited long enough."""
-        now = time.monotonic()
-        self._timeout = None
-        if not self._queue:
-            return False
-        queued = {id(client) for client, _ in self._queue}
-        busy = {id(client) for link in self._links for client, _ in (link.waiting or ())}
-        active = sum(
-            1
-            for key in self._selector.get_map().values()
-            if isinstance(key.data, _Client) and now - key.data.last < _ACTIVE
-        )
-        # Each connection carries its share of the active kernels, so that one batch is
-        # chained while the previous one waits for its flush.
-        if len(queued) + len(busy) >= active or len(queued) * len(self._links) >= active:
-            return True
-        waited = now - self._queue[0][0].last
-        if waited >= _HOLD:
-            return True
-        self._timeout = _HOLD - waited
-        return False
-
     def _dispatch(self) -> None:
-        """Give a free connection what has queued (all of it, up to a batch)."""
+        """Give every free connection what has queued (all of it, up to a batch)."""
         for link in self._links:
+            if not self._queue:
+                return
             if link.waiting is not None:
                 continue
-            if not self._ready():
-                return
             batch: list[tuple[_Client, int]] = []
             lines: list[bytes] = []
             while self._queue and (not lines or len(lines) + len(self._queue[0][1]) <= _MAX_BATCH):
