@@ -277,6 +277,20 @@ static int read_number(parser *p, fld *out)
 
 static int skip_value(parser *p);
 
+/* true / false: read as jsonb's ->> gives them, the word itself */
+static int read_word(parser *p, fld *out, const char *word, Py_ssize_t n)
+{
+    if (p->e - p->s < n || memcmp(p->s, word, (size_t)n) != 0)
+        return 0;
+    p->s += n;
+    if (out) {
+        out->p = word;
+        out->n = n;
+        out->set = 1;
+    }
+    return 1;
+}
+
 static int read_scalar(parser *p, fld *out)
 {
     ws(p);
@@ -294,27 +308,9 @@ static int read_scalar(parser *p, fld *out)
         }
         return 0;
     case 't':
-        if (p->e - p->s >= 4 && memcmp(p->s, "true", 4) == 0) {
-            p->s += 4;
-            if (out) {
-                out->p = "true";
-                out->n = 4;
-                out->set = 1;
-            }
-            return 1;
-        }
-        return 0;
+        return read_word(p, out, "true", 4);
     case 'f':
-        if (p->e - p->s >= 5 && memcmp(p->s, "false", 5) == 0) {
-            p->s += 5;
-            if (out) {
-                out->p = "false";
-                out->n = 5;
-                out->set = 1;
-            }
-            return 1;
-        }
-        return 0;
+        return read_word(p, out, "false", 5);
     case '{':
     case '[':
         if (out) {

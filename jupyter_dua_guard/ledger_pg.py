@@ -1007,15 +1007,7 @@ class PostgresLedger(Ledger):
 
         def summary(conn: Any) -> tuple[int, tuple[int, str], list[str], list[str]]:
             total = conn.execute(f"SELECT count(*) FROM {SCHEMA}.ledger_records").fetchone()[0]
-            row = conn.execute(
-                f"SELECT seq, hash FROM {SCHEMA}.ledger_records ORDER BY seq DESC LIMIT 1"
-            ).fetchone()
-            guards = conn.execute(
-                "SELECT tgname FROM pg_trigger WHERE tgrelid = %s::regclass AND tgenabled <> 'D'",
-                (f"{SCHEMA}.ledger_records",),
-            ).fetchall()
-            missing = sorted(set(_TRIGGERS) - {g[0] for g in guards})
-            top = (int(row[0]), str(row[1])) if row else (0, GENESIS)
+            top, missing = _head_and_guards(conn)
             return int(total), top, missing, _altered_columns(conn)
 
         total, top, missing, altered = self._read(summary)
@@ -1252,9 +1244,8 @@ def _covered(conn: Any, column: str, value: str | None) -> list[str] | None:
     return [r[0] for r in rows]
 
 
-def _survey_summary(conn: Any) -> tuple[tuple[int, str], list[str], list[str], bool]:
-    """Head, disabled triggers, altered columns, and whether ``time`` sorts bytewise (C
-    collation) as the C tally compares it."""
+def _head_and_guards(conn: Any) -> tuple[tuple[int, str], list[str]]:
+    """``(seq, hash)`` of the head, and the append-only triggers that are disabled or gone."""
     row = conn.execute(
         f"SELECT seq, hash FROM {SCHEMA}.ledger_records ORDER BY seq DESC LIMIT 1"
     ).fetchone()
@@ -1262,6 +1253,14 @@ def _survey_summary(conn: Any) -> tuple[tuple[int, str], list[str], list[str], b
         "SELECT tgname FROM pg_trigger WHERE tgrelid = %s::regclass AND tgenabled <> 'D'",
         (f"{SCHEMA}.ledger_records",),
     ).fetchall()
+    top = (int(row[0]), str(row[1])) if row else (0, GENESIS)
+    return top, sorted(set(_TRIGGERS) - {g[0] for g in guards})
+
+
+def _survey_summary(conn: Any) -> tuple[tuple[int, str], list[str], list[str], bool]:
+    """Head, disabled triggers, altered columns, and whether ``time`` sorts bytewise (C
+    collation) as the C tally compares it."""
+    top, missing = _head_and_guards(conn)
     coll = conn.execute(
         "SELECT c.collname, d.datcollate, to_jsonb(d) ->> 'datlocprovider' "
         "FROM pg_attribute a JOIN pg_collation c ON c.oid = a.attcollation, pg_database d "
@@ -1273,8 +1272,6 @@ def _survey_summary(conn: Any) -> tuple[tuple[int, str], list[str], list[str], b
         coll[0] in ("C", "POSIX", "ucs_basic")
         or (coll[0] == "default" and coll[1] in ("C", "POSIX") and coll[2] in (None, "c"))
     )
-    top = (int(row[0]), str(row[1])) if row else (0, GENESIS)
-    missing = sorted(set(_TRIGGERS) - {g[0] for g in guards})
     return top, missing, _altered_columns(conn), bytewise
 
 
