@@ -664,6 +664,34 @@ class SQLiteLedger(Ledger):
                     f"cannot create ledger {path}: directory {path.parent} is not writable; make "
                     "it writable or point --ledger / DUAGuard.ledger_url at a writable location"
                 )
+        # A new ledger is made under the append lock. Until its first checkpoint its pages
+        # are only in the WAL and the database file is empty, and a second process opening
+        # it then would find no ledger (SQLite even discards the WAL of an empty database
+        # file): several kernels starting on a fresh path once failed that way.
+        creating = None if exists else self._creation_lock()
+        try:
+            conn = self._open(path)
+        finally:
+            if creating is not None:
+                os.close(creating)
+        self._conn_obj = conn
+        self._pid = os.getpid()
+        self._lockfile = None
+        if fcntl is not None:
+            try:
+                self._lockfile = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError:
+                self._lockfile = None  # read-only place: SQLite's busy timeout still serialises
+        self._shm = None
+        if self._lockfile is not None:
+            try:
+                self._shm = os.open(f"{path}-shm", os.O_RDONLY)
+                conn.execute("PRAGMA wal_autocheckpoint = 0")
+            except (OSError, sqlite3.Error):
+                self._shm = None  # SQLite checkpoints inside commits, as it does by default
+
+    def _open(self, path: Path) -> sqlite3.Connection:
+        """A connection in WAL mode to a ledger file (made here when new)."""
         try:
             conn = sqlite3.connect(
                 str(path), timeout=self.timeout, isolation_level=None, check_same_thread=False
@@ -693,21 +721,7 @@ class SQLiteLedger(Ledger):
         except (sqlite3.Error, OSError) as exc:
             conn.close()
             raise self._fail(exc, "open") from None
-        self._conn_obj = conn
-        self._pid = os.getpid()
-        self._lockfile = None
-        if fcntl is not None:
-            try:
-                self._lockfile = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT, 0o644)
-            except OSError:
-                self._lockfile = None  # read-only place: SQLite's busy timeout still serialises
-        self._shm = None
-        if self._lockfile is not None:
-            try:
-                self._shm = os.open(f"{path}-shm", os.O_RDONLY)
-                conn.execute("PRAGMA wal_autocheckpoint = 0")
-            except (OSError, sqlite3.Error):
-                self._shm = None  # SQLite checkpoints inside commits, as it does by default
+        return conn
 
     def _create(self, conn: sqlite3.Connection) -> None:
         conn.execute("PRAGMA journal_mode = WAL")
@@ -730,7 +744,23 @@ class SQLiteLedger(Ledger):
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             raise
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # the file holds the ledger from now on
         self._check_meta(conn)
+
+    def _creation_lock(self) -> int | None:
+        """The append lock, held while a new ledger is made (see ``_connect``)."""
+        if fcntl is None:
+            return None
+        try:
+            fd = os.open(f"{self.path}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError:
+            return None  # read-only place: nothing is created here anyway
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:
+            os.close(fd)
+            return None
+        return fd
 
     def _check_meta(self, conn: sqlite3.Connection) -> None:
         try:

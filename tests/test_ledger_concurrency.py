@@ -98,3 +98,33 @@ def test_writer_killed_mid_run_leaves_a_verifiable_ledger(tmp_path):
             batches = {p.rsplit("-", 1)[0] for p in paths if p.startswith("/d/") and "-" in p}
             for batch in batches:
                 assert sum(p.startswith(batch + "-") for p in paths) == 200
+
+
+OPENER = textwrap.dedent(
+    """
+    import sys
+    from jupyter_dua_guard.ledger import open_ledger
+    with open_ledger(sys.argv[1]) as ledger:
+        ledger.append("data_read", {"path": sys.argv[2]})
+    """
+)
+
+
+def test_processes_opening_a_new_ledger_at_once_all_write(tmp_path):
+    """Kernels starting together where no ledger exists yet: one makes it, and every one
+    writes (a second process once found the half-made file and failed to open it)."""
+    for trial in range(6):
+        url = f"sqlite:///{tmp_path}/t{trial}/ledger.sqlite"
+        procs = [
+            subprocess.Popen(
+                [sys.executable, "-c", OPENER, url, f"/p/{i}"], stderr=subprocess.PIPE, text=True
+            )
+            for i in range(4)
+        ]
+        for proc in procs:
+            _, err = proc.communicate(timeout=120)
+            assert proc.returncode == 0, err
+        with open_ledger(url, create=False) as ledger:
+            paths = sorted(r["data"]["path"] for r in ledger.records())
+            assert paths == [f"/p/{i}" for i in range(4)]
+            assert ledger.verify().ok
