@@ -1755,6 +1755,23 @@ static void count_pairs(set64 *pairs, table *tools, int second)
     }
 }
 
+/* Append a tuple of the n new references in v to list (ok: all of them were made); the
+   references are stolen or released either way. */
+static int append_tuple(PyObject *list, PyObject **v, int n, int ok)
+{
+    PyObject *tup = ok ? PyTuple_New(n) : NULL;
+    if (!tup) {
+        for (int k = 0; k < n; k++)
+            Py_XDECREF(v[k]);
+        return -1;
+    }
+    for (int k = 0; k < n; k++)
+        PyTuple_SET_ITEM(tup, k, v[k]);
+    int rc = PyList_Append(list, tup);
+    Py_DECREF(tup);
+    return rc;
+}
+
 static PyObject *tally_result(PyObject *self, PyObject *args)
 {
     PyObject *cap;
@@ -1782,18 +1799,8 @@ static PyObject *tally_result(PyObject *self, PyObject *args)
             v[9] = PyLong_FromLongLong(e->count);
             ok = v[7] && v[8] && v[9];
         }
-        PyObject *tup = ok ? PyTuple_New(10) : NULL;
-        if (tup)
-            for (int k = 0; k < 10; k++)
-                PyTuple_SET_ITEM(tup, k, v[k]);
-        else
-            for (int k = 0; k < 10; k++)
-                Py_XDECREF(v[k]);
-        if (!tup || PyList_Append(groups, tup) < 0) {
-            Py_XDECREF(tup);
+        if (append_tuple(groups, v, 10, ok) < 0)
             goto fail;
-        }
-        Py_DECREF(tup);
     }
     for (size_t i = 0; i < t->tools.len; i++) {
         entry *e = t->tools.list[i];
@@ -1804,18 +1811,8 @@ static PyObject *tally_result(PyObject *self, PyObject *args)
             v[5] = PyLong_FromLongLong(e->count2);
             ok = v[4] && v[5];
         }
-        PyObject *tup = ok ? PyTuple_New(6) : NULL;
-        if (tup)
-            for (int k = 0; k < 6; k++)
-                PyTuple_SET_ITEM(tup, k, v[k]);
-        else
-            for (int k = 0; k < 6; k++)
-                Py_XDECREF(v[k]);
-        if (!tup || PyList_Append(distinct, tup) < 0) {
-            Py_XDECREF(tup);
+        if (append_tuple(distinct, v, 6, ok) < 0)
             goto fail;
-        }
-        Py_DECREF(tup);
     }
     for (size_t i = 0; i < t->notebooks.len; i++) {
         entry *e = t->notebooks.list[i];

@@ -813,10 +813,13 @@ class PostgresLedger(Ledger):
                 self._drop_connection()
                 raise LedgerError(self._unreachable(_one_line(exc))) from None
             except psycopg.Error as exc:
-                raise LedgerError(
-                    f"cannot read the PostgreSQL ledger {self.url} ({_one_line(exc)}): connect "
-                    "as the ledger's writer or owner role"
-                ) from None
+                raise self._read_error(exc) from None
+
+    def _read_error(self, exc: BaseException) -> LedgerError:
+        return LedgerError(
+            f"cannot read the PostgreSQL ledger {self.url} ({_one_line(exc)}): connect as the "
+            "ledger's writer or owner role"
+        )
 
     def _where(
         self,
@@ -980,10 +983,7 @@ class PostgresLedger(Ledger):
                 results = list(pool.map(run, conns, queries))
             return tuple(results)
         except psycopg.Error as exc:
-            raise LedgerError(
-                f"cannot read the PostgreSQL ledger {self.url} ({_one_line(exc)}): connect "
-                "as the ledger's writer or owner role"
-            ) from None
+            raise self._read_error(exc) from None
         finally:
             for conn in conns:
                 conn.close()
@@ -1135,10 +1135,7 @@ class PostgresLedger(Ledger):
                     )
                 pinned = _check_pin(conn, pin, top) if pin is not None and intact else None
         except psycopg.Error as exc:
-            raise LedgerError(
-                f"cannot read the PostgreSQL ledger {self.url} ({_one_line(exc)}): connect "
-                "as the ledger's writer or owner role"
-            ) from None
+            raise self._read_error(exc) from None
         finally:
             conn.close()
         if not intact or total != top[0]:
