@@ -305,9 +305,10 @@ def test_disabled_trigger_and_altered_column_are_reported(pg_ledger, split):
     sql(
         pg_ledger.owner,
         "ALTER TABLE dua_guard.ledger_records ENABLE TRIGGER ALL",
-        "ALTER TABLE dua_guard.ledger_records ALTER COLUMN host DROP EXPRESSION",
+        "ALTER TABLE dua_guard.ledger_records ALTER COLUMN fields DROP EXPRESSION",
         "ALTER TABLE dua_guard.ledger_records DISABLE TRIGGER ALL",
-        "UPDATE dua_guard.ledger_records SET host = 'elsewhere' WHERE seq = 2",
+        "UPDATE dua_guard.ledger_records SET fields = jsonb_set(fields, '{context,host}', "
+        "'\"elsewhere\"') WHERE seq = 2",
         "ALTER TABLE dua_guard.ledger_records ENABLE TRIGGER ALL",
     )
     with open_ledger(pg_ledger.writer) as ledger:
