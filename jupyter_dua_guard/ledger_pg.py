@@ -1266,8 +1266,7 @@ def _covered(conn: Any, column: str, value: str | None) -> list[str] | None:
     if not _is_glob(value):
         return [value]
     rows = conn.execute(
-        f"SELECT name FROM (SELECT DISTINCT {column} AS name FROM {_ROWS}) AS d "
-        "WHERE name ~ %s",
+        f"SELECT name FROM (SELECT DISTINCT {column} AS name FROM {_ROWS}) AS d WHERE name ~ %s",
         (_glob_regex(value),),
     ).fetchall()
     return [r[0] for r in rows]
