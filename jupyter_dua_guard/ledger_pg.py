@@ -451,6 +451,10 @@ class _Unavailable(Exception):
     """The database cannot take the event now (network, server down, timeouts)."""
 
 
+class _WrongSchema(_Unavailable):
+    """The database answers but holds no ledger of this version (message says what to run)."""
+
+
 class _RelayLost(_Unavailable):
     """The relay took the events but gave no answer: spool them, and try the database at once
     (a flush stores them once whether or not the relay managed to)."""
@@ -509,14 +513,20 @@ class PostgresLedger(Ledger):
         self._spool: SQLiteLedger | None = None
         self._spool_owner: int | None = None
         self.last_error: str | None = None
+        self._schema_checked = False
+        if self.relay_path and not (create and spool_files(self.spool_dir)):
+            # A kernel behind its server's relay connects only when the relay is away, so
+            # that a hub holds a few connections per server rather than one per kernel.
+            return
         try:
-            conn = self._connection()
+            self._connection()
+        except _WrongSchema as exc:
+            raise LedgerError(str(exc)) from None
         except _Unavailable as exc:
             if not create:
                 raise LedgerError(self._unreachable(str(exc))) from None
             self._note_down(str(exc))
             return
-        self._check_schema(conn)
         if create:
             with contextlib.suppress(_Unavailable, LedgerError, OSError):
                 self._flush_orphans()
@@ -560,8 +570,24 @@ class PostgresLedger(Ledger):
             )
         except psycopg.Error as exc:
             raise _Unavailable(_one_line(exc)) from None
+        if not self._schema_checked:
+            try:
+                self._check_schema(conn)
+            except LedgerError as exc:
+                conn.close()
+                raise _WrongSchema(str(exc)) from None
+            self._schema_checked = True
         self._conn_obj = conn
         return conn
+
+    def _connected(self) -> Any:
+        """The connection, or a one-line error saying what to fix (readers, ``flush``)."""
+        try:
+            return self._connection()
+        except _WrongSchema as exc:
+            raise LedgerError(str(exc)) from None
+        except _Unavailable as exc:
+            raise LedgerError(self._unreachable(str(exc))) from None
 
     def _drop_connection(self) -> None:
         conn, self._conn_obj = self._conn_obj, None
@@ -813,7 +839,7 @@ class PostgresLedger(Ledger):
     def flush(self) -> int:
         """Flush every spool in the spool directory now; returns the events written."""
         with self._lock:
-            self._connection()
+            self._connected()
             n = 0
             if self._spool is not None:
                 n = self._flush_file(self._spool)
@@ -829,10 +855,7 @@ class PostgresLedger(Ledger):
     def _read(self, fn: Any) -> Any:
         """Run ``fn(conn)`` in a read-only snapshot; one-line errors."""
         with self._lock:
-            try:
-                conn = self._connection()
-            except _Unavailable as exc:
-                raise LedgerError(self._unreachable(str(exc))) from None
+            conn = self._connected()
             try:
                 with conn.transaction():
                     conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")

@@ -8,6 +8,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -100,6 +101,59 @@ def test_database_without_schema_asks_for_db_init(pg_server):
     with pytest.raises(LedgerError, match="db init") as err:
         open_ledger(pg_server.url(db=db))
     assert ADMIN_PASSWORD not in str(err.value)
+
+
+def _backends(admin: str, db: str) -> int:
+    return sql(
+        admin,
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = %s AND usename = 'dua_guard_writer'",
+        (db,),
+    )[0][0]
+
+
+def test_kernels_behind_a_relay_hold_no_connection_of_their_own(pg_ledger, tmp_path):
+    """A hub's connections stay at the relay's few per server, however many kernels run;
+    a kernel connects itself only while its relay is away."""
+    from jupyter_dua_guard.ledger_relay import LedgerRelay, relay_url
+
+    sock_dir = Path(tempfile.mkdtemp(prefix="dua-relay-test-"))
+    relay = LedgerRelay(pg_ledger.writer, sock_dir / "r.sock", connections=1)
+    url = relay_url(pg_ledger.writer, relay.path)
+    kernels = [open_ledger(url) for _ in range(4)]
+    try:
+        for i, ledger in enumerate(kernels):
+            ledger.append("ai_ml_import", {**TOOL, "version": f"1.{i}"})
+        assert relay.stats["events"] == 4
+        assert _backends(pg_ledger.admin, pg_ledger.db) == 1  # the relay's link only
+        relay.close()
+        for i, ledger in enumerate(kernels):
+            # the first append finds the relay gone (spooled), the second goes direct
+            ledger.append("ai_ml_import", {**TOOL, "version": f"2.{i}"})
+            ledger.append("ai_ml_import", {**TOOL, "version": f"3.{i}"})
+            assert ledger.spooled() == 0
+        assert _backends(pg_ledger.admin, pg_ledger.db) == 4
+    finally:
+        relay.close()
+        for ledger in kernels:
+            ledger.close()
+        sock_dir.rmdir()
+    with open_ledger(pg_ledger.writer) as ledger:
+        assert ledger.count() == 12 and ledger.verify().ok
+
+
+def test_relayed_kernel_meeting_a_database_without_schema_spools_with_the_reason(
+    pg_server, tmp_path
+):
+    """It learns of the missing schema only when it must connect: its events are kept."""
+    db = pg_server.create_database()
+    spool = tmp_path / "spool"
+    url = pg_server.url(db=db, spool=str(spool), relay=str(tmp_path / "no-relay.sock"))
+    with open_ledger(url) as ledger:
+        stored = ledger.append("ai_ml_import", TOOL)
+        assert stored["seq"] == 1 and ledger.spooled() == 1
+        assert "db init" in (ledger.last_error or "")
+        with pytest.raises(LedgerError, match="db init"):
+            ledger.count()
 
 
 def test_unreachable_database_for_readers_is_one_line_error(tmp_path):
