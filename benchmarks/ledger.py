@@ -33,39 +33,69 @@ from jupyter_dua_guard.ledger import GENESIS, open_ledger
 from jupyter_dua_guard.report import build_report, render_html
 
 
-def _writer(url: str, n: int, batch: int, start: mp.Event, done: mp.Queue) -> None:
+def _writer(
+    url: str, n: int, batch: int, start: mp.Event, done: mp.Queue, measured: mp.Event
+) -> None:
     ledger = open_ledger(url)
     data = {"name": "sklearn", "distribution": "scikit-learn", "version": "1.5.2", "category": "ml"}
     ledger.append("ai_ml_import", data)  # connected (database, relay) before the clock starts
     start.wait()
+    cpu = time.process_time()
     if batch <= 1:
         for _ in range(n):
             ledger.append("ai_ml_import", data)
     else:
         for _ in range(n // batch):
             ledger.append_many([("ai_ml_import", data, None)] * batch)
-    done.put(time.time())
+    done.put((time.time(), time.process_time() - cpu))
+    measured.wait(60)  # its database session's CPU is counted while the session lives
     ledger.close()
+
+
+def _postgres_cpu() -> float:
+    """CPU seconds used so far by this machine's PostgreSQL processes (Linux ``/proc``)."""
+    total = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue
+        if "(postgres)" in text:
+            fields = text.rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+CPU_SPLIT: dict[str, float] = {}  # CPU µs per append of the last run: writers, this, postgres
 
 
 def appends_per_second(url: str, writers: int, per_writer: int, batch: int = 1) -> float:
     """Appends per second from the start signal to the last writer's last append (process
-    start-up, the warm-up append and shutdown are left out)."""
+    start-up, the warm-up append and shutdown are left out). Where the CPU went is left in
+    ``CPU_SPLIT``: the writers, this process (the relay, when it runs one) and PostgreSQL."""
     ctx = mp.get_context("spawn")
-    start, done = ctx.Event(), ctx.Queue()
+    start, done, measured = ctx.Event(), ctx.Queue(), ctx.Event()
     procs = [
-        ctx.Process(target=_writer, args=(url, per_writer, batch, start, done))
+        ctx.Process(target=_writer, args=(url, per_writer, batch, start, done, measured))
         for _ in range(writers)
     ]
     for proc in procs:
         proc.start()
     time.sleep(1.0 + 0.2 * writers)  # let every writer import, open and warm up first
+    own, pg = time.process_time(), _postgres_cpu()
     t0 = time.time()
     start.set()
     ends = [done.get(timeout=600) for _ in procs]
+    total = writers * per_writer / 1e6
+    CPU_SPLIT.update(
+        writers=sum(cpu for _, cpu in ends) / total,
+        this=(time.process_time() - own) / total,
+        postgres=(_postgres_cpu() - pg) / total,
+    )
+    measured.set()
     for proc in procs:
         proc.join()
-    return writers * per_writer / (max(ends) - t0)
+    return writers * per_writer / (max(end for end, _ in ends) - t0)
 
 
 def canonical(value: object) -> str:
@@ -364,7 +394,7 @@ def postgres(args: argparse.Namespace) -> None:
         ]
         relay_rates: list[float] = []
         for writers, batch, label, extra, via_relay, rounds in cases:
-            rates, intact, load = [], True, os.getloadavg()[0]
+            rates, splits, intact, load = [], [], True, os.getloadavg()[0]
             for _ in range(rounds or args.rounds):
                 _, url = fresh()
                 if extra:
@@ -376,6 +406,7 @@ def postgres(args: argparse.Namespace) -> None:
                 per = max(batch, per // 2)
                 try:
                     rates.append(appends_per_second(url, writers, per, batch))
+                    splits.append(dict(CPU_SPLIT))
                 finally:
                     if relay is not None:
                         relay.close()
@@ -394,6 +425,12 @@ def postgres(args: argparse.Namespace) -> None:
                 f"{'median ' if len(rates) > 1 else ''}{statistics.median(rates):,.0f}{spread}"
                 f"  (complete and intact: {intact}; load before {load:.2f}, after "
                 f"{os.getloadavg()[0]:.2f})"
+            )
+            cpu = {k: statistics.median(s[k] for s in splits) for k in splits[0]}
+            print(
+                f"    CPU µs per append (medians): writers {cpu['writers']:.0f}, "
+                f"{'relay' if via_relay else 'benchmark process'} {cpu['this']:.0f}, "
+                f"PostgreSQL {cpu['postgres']:.0f}"
             )
 
         db, url = fresh()
