@@ -2,7 +2,8 @@
 
 ``_audit_fast.c`` is the kernel guard's audit hook; ``_chain_fast.c`` walks a SQLite ledger's
 hash chain (it links the system's libsqlite3 and libcrypto, which Python's own sqlite3 and
-hashlib use); ``_pgsurvey_fast.c`` streams a PostgreSQL ledger for a report (libpq). Each
+hashlib use); ``_pgsurvey_fast.c`` streams a PostgreSQL ledger for a report (libpq);
+``_relay_fast.c`` runs the server's append relay loop (libpq, a pthread around epoll). Each
 one that fails to build (no compiler, no headers, or ``JUPYTER_DUA_GUARD_NO_C=1``) is left
 out and its pure-Python equivalent is used instead.
 """
@@ -25,7 +26,9 @@ EXTENSIONS = {
         ["-pthread", "-lpq", "-lcrypto"],
         "verification and grouping inside PostgreSQL for reports",
     ),
+    "_relay_fast": (["-pthread", "-lpq"], "the append relay's Python loop"),
 }
+_WITH_LIBPQ = {"_pgsurvey_fast", "_relay_fast"}
 
 
 def _libpq_include() -> list[str]:
@@ -51,7 +54,7 @@ class AuditFastBuildHook(BuildHookInterface):
         suffix = sysconfig.get_config_var("EXT_SUFFIX") or ".so"
         for name, (libs, fallback) in EXTENSIONS.items():
             target = os.path.join(package, name + suffix)
-            if name == "_pgsurvey_fast":
+            if name in _WITH_LIBPQ:
                 libs = [*_libpq_include(), *libs]
             error = self._compile(os.path.join(package, name + ".c"), target, libs)
             if error:

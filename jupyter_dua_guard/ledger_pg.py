@@ -601,16 +601,10 @@ class PostgresLedger(Ledger):
                 "SELECT to_regclass(%s) IS NOT NULL", (f"{SCHEMA}.ledger_meta",)
             ).fetchone()
             if not row[0]:
-                raise LedgerError(
-                    f"PostgreSQL database {self.url} has no jupyter-dua-guard ledger schema: "
-                    "run `jupyter dua-guard db init --ledger URL` as a database administrator"
-                )
-            meta = dict(conn.execute(f"SELECT key, value FROM {SCHEMA}.ledger_meta").fetchall())
+                raise _no_schema_error(self.url)
+            meta = dict(conn.execute(_META_SQL).fetchall())
         except psycopg.Error as exc:
-            raise LedgerError(
-                f"cannot read the ledger schema in {self.url} ({_one_line(exc)}): connect as "
-                "the ledger's writer or owner role"
-            ) from None
+            raise _unreadable_schema_error(self.url, _one_line(exc)) from None
         _check_meta(meta, self.url)
 
     def close(self) -> None:
@@ -1411,15 +1405,22 @@ def _parse_submit_result(results: list[Any]) -> SubmitResult:
             except ValueError:
                 return SubmitResult(None, "the submit procedure answered in an unexpected form")
         if res.status == pq.ExecStatus.FATAL_ERROR:
-            message = _one_line(Exception(res.error_message.decode(errors="replace")))
-            state = (res.error_field(pq.DiagnosticField.SQLSTATE) or b"").decode()
-            # connection, operator intervention (shutdown, statement timeout), resources
-            if state[:2] in ("08", "57", "53", ""):
-                return SubmitResult(None, message, True)
-            return SubmitResult(
-                None, f"{message} — check `jupyter dua-guard db init` and the role's grants"
+            return _submit_failure(
+                res.error_message.decode(errors="replace"),
+                (res.error_field(pq.DiagnosticField.SQLSTATE) or b"").decode(),
             )
     return SubmitResult(None, "the database closed the connection", True)
+
+
+def _submit_failure(message: str, state: str) -> SubmitResult:
+    """An error result of ``submit`` (libpq's message and SQLSTATE), in one line."""
+    message = _one_line(Exception(message))
+    # connection, operator intervention (shutdown, statement timeout), resources
+    if state[:2] in ("08", "57", "53", ""):
+        return SubmitResult(None, message, True)
+    return SubmitResult(
+        None, f"{message} — check `jupyter dua-guard db init` and the role's grants"
+    )
 
 
 def _columns(batch: list[dict[str, Any]]) -> tuple[list[str], list[str]]:
@@ -1519,6 +1520,23 @@ def _remove_spool(path: Path) -> None:
     for suffix in ("", "-wal", "-shm", ".lock", ".owner"):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(f"{path}{suffix}")
+
+
+_META_SQL = f"SELECT key, value FROM {SCHEMA}.ledger_meta"
+
+
+def _no_schema_error(url: str) -> LedgerError:
+    return LedgerError(
+        f"PostgreSQL database {url} has no jupyter-dua-guard ledger schema: "
+        "run `jupyter dua-guard db init --ledger URL` as a database administrator"
+    )
+
+
+def _unreadable_schema_error(url: str, why: str) -> LedgerError:
+    return LedgerError(
+        f"cannot read the ledger schema in {url} ({why}): connect as the ledger's writer or "
+        "owner role"
+    )
 
 
 def _check_meta(meta: dict[str, str], url: str) -> None:

@@ -16,15 +16,20 @@ When the relay is gone or fails, a kernel appends directly or spools, as without
 (see ``ledger_pg``): a spool flush skips events already stored, so an answer lost with a
 dying relay never duplicates an event.
 
-The relay is one thread around a ``selectors`` loop, talking to PostgreSQL through libpq's
-non-blocking calls (psycopg's ``pq`` layer): a relay pays a few microseconds per event
-instead of a Python thread hand-off, and frames are plain lines (canonical JSON never
-contains a raw tab or newline).
+The relay is one thread around an event loop, talking to PostgreSQL through libpq's
+non-blocking calls; frames are plain lines (canonical JSON never contains a raw tab or
+newline). The loop runs in C (``_relay_fast``: a pthread around epoll, the system's libpq,
+no GIL per event) when that module was built: in Python it costs 65-100 µs of CPU per
+event, more than the database spends storing it. Without it (no compiler, or
+``JUPYTER_DUA_GUARD_NO_C=1``) the same loop runs in Python (``selectors`` and psycopg's
+``pq`` layer). Both share what is said to kernels: the C loop has ``_explain`` word its
+failures with ``ledger_pg``'s own functions.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import select
@@ -37,6 +42,11 @@ import time
 from collections import deque
 from pathlib import Path
 from typing import Any
+
+try:  # the relay loop in C (built with libpq); the Python loop below is the fallback
+    from . import _relay_fast
+except ImportError:  # pragma: no cover - depends on the build
+    _relay_fast = None  # type: ignore[assignment]
 
 __all__ = ["LedgerRelay", "RelayClient", "RelayError", "RelayUnknown", "relay_url"]
 
@@ -177,25 +187,56 @@ class LedgerRelay:
         connections: int = 2,
         log: logging.Logger | None = None,
     ) -> None:
-        from .ledger_pg import _SUBMIT_CALL_PQ, PostgresLedger
+        from .ledger_pg import _META_SQL, _SUBMIT_CALL_PQ, SCHEMA, PostgresLedger, split_url
 
         self.log = log or logging.getLogger(__name__)
         self.url = url
         self.path = str(socket_path)
         self._call = _SUBMIT_CALL_PQ
-        self._links = [_Link(PostgresLedger(url, relay=False)) for _ in range(max(1, connections))]
+        self._stats = {"calls": 0, "events": 0}
+        self._fast: Any = None
+        # Connects and checks the schema: a wrong one refuses the relay here.
+        first = PostgresLedger(url, relay=False)
+        try:
+            self._listener = self._listen()
+        except OSError:
+            first.close()
+            raise
+        if _relay_fast is not None:
+            first.close()  # the C loop has its own connections (the system's libpq)
+            ms = int(first.statement_timeout * 1000)
+            setup = (
+                f"SELECT set_config('statement_timeout', '{ms}', false), "
+                f"set_config('lock_timeout', '{ms}', false), "
+                f"to_regclass('{SCHEMA}.ledger_meta') IS NOT NULL"
+            )
+            try:
+                self._fast = _relay_fast.Relay(
+                    self._listener.fileno(), split_url(url)[0], setup, _META_SQL,
+                    _SUBMIT_CALL_PQ.decode(), max(1, connections),
+                    functools.partial(_explain, first.url),
+                )  # fmt: skip
+            except BaseException:
+                self._listener.close()
+                raise
+            return
+        self._links = [_Link(first)]
+        self._links += [_Link(PostgresLedger(url, relay=False)) for _ in range(connections - 1)]
         self._queue: deque[tuple[_Client, list[bytes]]] = deque()
         self._selector = selectors.DefaultSelector()
         self._down_until = 0.0
         self._down_why = ""
-        self.stats = {"calls": 0, "events": 0}  # stored through the relay (status, tests)
-        self._listener = self._listen()
         self._wake_r, self._wake_w = socket.socketpair()
         self._selector.register(self._listener, selectors.EVENT_READ, "accept")
         self._selector.register(self._wake_r, selectors.EVENT_READ, "wake")
         self._stopping = False
         self._thread = threading.Thread(target=self._run, daemon=True, name="dua-guard-relay")
         self._thread.start()
+
+    @property
+    def stats(self) -> dict[str, int]:
+        """Calls and events stored through the relay (status page, tests)."""
+        return self._fast.stats() if self._fast is not None else self._stats
 
     def _listen(self) -> socket.socket:
         path = Path(self.path)
@@ -293,36 +334,41 @@ class LedgerRelay:
 
     # -- database side
     def _dispatch(self) -> None:
-        """Give every free connection what has queued (all of it, up to a batch)."""
+        """Give every free connection what has queued (all of it, up to a batch); a batch
+        answered at once (database down) leaves its connection free for the next one."""
+        queue = self._queue
         for link in self._links:
-            if not self._queue:
-                return
-            if link.waiting is not None:
-                continue
-            batch: list[tuple[_Client, int]] = []
-            lines: list[bytes] = []
-            while self._queue and (not lines or len(lines) + len(self._queue[0][1]) <= _MAX_BATCH):
-                client, more = self._queue.popleft()
-                batch.append((client, len(more)))
-                lines += more
-            try:
-                self._start(link, lines)
-            except Exception as exc:  # every kernel must get an answer, whatever went wrong
-                self._fail(batch, str(exc))
-                continue
-            link.waiting = batch
+            while link.waiting is None and queue:
+                batch: list[tuple[_Client, int]] = []
+                lines: list[bytes] = []
+                while queue and (not lines or len(lines) + len(queue[0][1]) <= _MAX_BATCH):
+                    client, more = queue.popleft()
+                    batch.append((client, len(more)))
+                    lines += more
+                try:
+                    self._start(link, lines)
+                except Exception as exc:  # every kernel must get an answer, whatever went wrong
+                    self._fail(batch, str(exc))
+                    continue
+                link.waiting = batch
 
     def _start(self, link: _Link, lines: list[bytes]) -> None:
+        from .ledger import LedgerError
         from .ledger_pg import _text_array_bytes, _Unavailable
 
         if time.monotonic() < self._down_until:
             raise _Unavailable(self._down_why)
         times, heads = zip(*(line.split(b"\t", 1) for line in lines), strict=True)
+        fresh = link.ledger._conn_obj is None
         try:
-            pgconn = link.ledger._connection().pgconn
-        except _Unavailable as exc:
+            conn = link.ledger._connection()
+            if fresh:  # a database upgraded or replaced meanwhile must not be written to
+                link.ledger._check_schema(conn)
+        except (_Unavailable, LedgerError) as exc:
+            link.ledger._drop_connection()
             self._note_down(str(exc))
             raise
+        pgconn = conn.pgconn
         try:
             pgconn.nonblocking = 1
             pgconn.send_query_params(
@@ -359,8 +405,8 @@ class LedgerRelay:
                 link.ledger._drop_connection()
             self._fail(batch, outcome.error or "the submit procedure answered for other events")
             return
-        self.stats["calls"] += 1
-        self.stats["events"] += len(rows)
+        self._stats["calls"] += 1
+        self._stats["events"] += len(rows)
         start = 0
         for client, count in batch:
             part = rows[start : start + count]
@@ -380,23 +426,32 @@ class LedgerRelay:
     # -- stopping
     def close(self) -> None:
         """Stop serving; kernels fall back to their own connections."""
+        if self._fast is not None:
+            self._fast.close()
+            self._listener.close()
+            self._remove_socket()
+            return
         self._stopping = True
         with contextlib.suppress(OSError):
             self._wake_w.send(b"x")
         self._thread.join(timeout=10)
 
     def _shutdown(self) -> None:
-        for key in list(self._selector.get_map().values()):
-            if isinstance(key.data, _Client):
-                self._drop(key.data)
         for link in self._links:
             if link.waiting:
                 self._fail(link.waiting, "the relay stopped")
             link.ledger.close()
+        self._fail([(client, len(lines)) for client, lines in self._queue], "the relay stopped")
+        for key in list(self._selector.get_map().values()):
+            if isinstance(key.data, _Client):
+                self._drop(key.data)
         self._selector.close()
         self._listener.close()
         self._wake_r.close()
         self._wake_w.close()
+        self._remove_socket()
+
+    def _remove_socket(self) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)
         parent = Path(self.path).parent
@@ -413,6 +468,38 @@ def _same_user(conn: socket.socket) -> bool:
     creds = conn.getsockopt(socket.SOL_SOCKET, option, struct.calcsize("3i"))
     _pid, uid, _gid = struct.unpack("3i", creds)
     return uid == os.getuid()
+
+
+def _explain(url: str, kind: str, message: Any, state: str) -> tuple[str, bool]:
+    """A failure of the C loop worded as the Python loop words it, and whether the database
+    link itself failed. ``message`` is libpq's text (bytes), or for ``schema`` the rows of
+    ``ledger_meta`` (None: no such table); a good schema gives ``("", False)``."""
+    from .ledger import LedgerError
+    from .ledger_pg import (
+        _check_meta,
+        _no_schema_error,
+        _one_line,
+        _submit_failure,
+        _unreadable_schema_error,
+    )
+
+    if kind == "schema":
+        try:
+            if message is None:
+                raise _no_schema_error(url)
+            _check_meta({k.decode(): v.decode() for k, v in message}, url)
+        except LedgerError as exc:
+            return str(exc), True
+        return "", False
+    text = message.decode(errors="replace")
+    if kind == "error":
+        outcome = _submit_failure(text, state)
+        return outcome.error, outcome.link_failed
+    if kind == "schema_unreadable":
+        return str(_unreadable_schema_error(url, _one_line(Exception(text)))), True
+    if kind == "connect":
+        text = "connection failed: " + text  # as psycopg says it in the Python loop
+    return _one_line(Exception(text)), True
 
 
 def relay_url(url: str, path: str) -> str:

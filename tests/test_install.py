@@ -51,7 +51,7 @@ def test_npm_and_python_versions_agree():
     not os.environ.get("CI") or bool(os.environ.get("JUPYTER_DUA_GUARD_NO_C")),
     reason="only CI's own install (scripts/dev.sh brings the compiler and headers) must have them",
 )
-@pytest.mark.parametrize("module", ["_audit_fast", "_chain_fast", "_pgsurvey_fast"])
+@pytest.mark.parametrize("module", ["_audit_fast", "_chain_fast", "_pgsurvey_fast", "_relay_fast"])
 def test_c_modules_built_by_the_install(module):
     """A silent fallback to the Python paths would cost the speed the benchmarks promise."""
     importlib.import_module(f"jupyter_dua_guard.{module}")
