@@ -177,14 +177,15 @@ class _Link:
 class LedgerRelay:
     """Serve ``socket_path`` for this user's kernels, with ``connections`` calls in flight.
 
-    Two connections let one batch be chained while the previous one waits for its flush.
+    One connection makes the largest batches; a second lets one batch be chained while the
+    previous one waits for its flush (``DUAGuard.ledger_relay_connections``).
     """
 
     def __init__(
         self,
         url: str,
         socket_path: str | os.PathLike[str],
-        connections: int = 2,
+        connections: int = 1,
         log: logging.Logger | None = None,
     ) -> None:
         from .ledger_pg import _META_SQL, _SUBMIT_CALL_PQ, SCHEMA, PostgresLedger, split_url
