@@ -1,4 +1,4 @@
-/* Optional fast path for walking the SQLite ledger's hash chain.
+/* The append fast paths, and the fast walk of the SQLite ledger's hash chain.
  *
  * A records report closes with a full verification of the chain, and at a million records
  * the Python walk spends most of its time turning rows into Python objects. This module
@@ -7,9 +7,10 @@
  * halves of the chain on two cores. It only answers "is this range intact, and where does
  * it stop being so"; naming what is wrong stays in Python (ledger.diagnose_rows).
  *
- * It also tallies a report's usage figures along the report index (tally) and does the
- * locked part of an append (Appender): both are where Python's per-row and per-call costs
- * outweighed the database's own work.
+ * It also tallies a report's usage figures along the report index (tally), does the
+ * locked part of a SQLite append (Appender) and a kernel's whole append through the
+ * PostgreSQL ledger's relay (relay_store): each is where Python's per-row and per-call
+ * costs outweighed the database's own work.
  */
 #define PY_SSIZE_T_CLEAN
 #define OPENSSL_SUPPRESS_DEPRECATED
@@ -21,6 +22,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/file.h>
+#include <sys/socket.h>
 #include <unistd.h>
 
 #define HASH_HEX 64
@@ -33,12 +35,13 @@ static PyObject *sqlite_error; /* sqlite3.OperationalError, so callers handle on
  * sha256(prev + "\n" + body). The low-level interface: OpenSSL 3's one-shot SHA256() looks
  * the digest up in its provider tables on every call, which costs more than hashing a
  * record. */
-static void record_hash_hex(const void *prev, const void *body, size_t body_len, char *hex)
+static void record_hash_hex_n(const void *prev, size_t prev_len, const void *body,
+                              size_t body_len, char *hex)
 {
     SHA256_CTX ctx;
     unsigned char digest[SHA256_DIGEST_LENGTH];
     SHA256_Init(&ctx);
-    SHA256_Update(&ctx, prev, HASH_HEX);
+    SHA256_Update(&ctx, prev, prev_len);
     SHA256_Update(&ctx, "\n", 1);
     SHA256_Update(&ctx, body, body_len);
     SHA256_Final(digest, &ctx);
@@ -46,6 +49,11 @@ static void record_hash_hex(const void *prev, const void *body, size_t body_len,
         hex[2 * i] = HEX[digest[i] >> 4];
         hex[2 * i + 1] = HEX[digest[i] & 15];
     }
+}
+
+static void record_hash_hex(const void *prev, const void *body, size_t body_len, char *hex)
+{
+    record_hash_hex_n(prev, HASH_HEX, body, body_len, hex);
 }
 
 typedef struct {
@@ -1095,6 +1103,422 @@ static PyTypeObject AppenderType = {
     .tp_methods = appender_methods,
 };
 
+/* ------------------------------------------------------------------ relayed appends
+ * A kernel's append through the server's relay (ledger_relay.RelayClient) in one call: the
+ * frame out, the answer in, its rows parsed, every hash checked and the records built. In
+ * Python this path runs several hundred bytecodes per event; between appends the relay and
+ * PostgreSQL evict them from the caches, so a writer spent ~100 µs of CPU on what takes
+ * ~20 µs warm. The wire format is ledger_relay's: a 4-byte big-endian length, then lines
+ * "time\thead" joined by "\n"; the answer is lines "seq\tprev\thash", or "!message". */
+
+#define RELAY_MAX_ANSWER (64u * 1024 * 1024) /* as ledger_relay._MAX_MESSAGE */
+#define RELAY_FIRST_READ 16384                /* one event's answer is ~150 bytes */
+
+/* Record keys and event fields, interned once. */
+static PyObject *k_head, *k_time, *k_parts, *k_context, *k_data, *k_kind, *k_seq, *k_prev,
+    *k_hash;
+
+typedef struct {
+    PyObject *head, *time, *parts; /* strong references; parts NULL when absent or empty */
+    const char *head_s, *time_s;
+    Py_ssize_t head_len, time_len;
+    long long seq;
+    const char *prev, *hash; /* the answer's fields (not NUL-terminated) */
+    size_t prev_len, hash_len;
+} relayed_t;
+
+/* send() all of p, the GIL released around each call. A signal (EINTR) runs Python's
+ * handlers first, as socket.sendall does; an exception from one ends the call. */
+static int relay_send_all(int fd, const char *p, size_t n)
+{
+    while (n > 0) {
+        ssize_t k;
+        int err = 0;
+        Py_BEGIN_ALLOW_THREADS
+        k = send(fd, p, n, MSG_NOSIGNAL); /* EPIPE as an error, never SIGPIPE */
+        if (k < 0)
+            err = errno; /* before taking the GIL back */
+        Py_END_ALLOW_THREADS
+        if (k < 0) {
+            if (err == EINTR) {
+                if (PyErr_CheckSignals() < 0)
+                    return -1;
+                continue;
+            }
+            errno = err;
+            PyErr_SetFromErrno(PyExc_OSError); /* EAGAIN: SO_SNDTIMEO ran out */
+            return -1;
+        }
+        p += k;
+        n -= (size_t)k;
+    }
+    return 0;
+}
+
+/* One recv() of up to n bytes (>0), the GIL released; 0 when the peer closed, which is an
+ * error here (ConnectionError, as ledger_relay says it). */
+static ssize_t relay_recv(int fd, char *p, size_t n)
+{
+    for (;;) {
+        ssize_t k;
+        int err = 0;
+        Py_BEGIN_ALLOW_THREADS
+        k = recv(fd, p, n, 0);
+        if (k < 0)
+            err = errno; /* before taking the GIL back */
+        Py_END_ALLOW_THREADS
+        if (k > 0)
+            return k;
+        if (k == 0) {
+            PyErr_SetString(PyExc_ConnectionError, "connection closed");
+            return -1;
+        }
+        if (err == EINTR) {
+            if (PyErr_CheckSignals() < 0)
+                return -1;
+            continue;
+        }
+        errno = err;
+        PyErr_SetFromErrno(PyExc_OSError); /* EAGAIN: SO_RCVTIMEO ran out */
+        return -1;
+    }
+}
+
+static int relay_recv_exact(int fd, char *p, size_t n)
+{
+    while (n > 0) {
+        ssize_t k = relay_recv(fd, p, n);
+        if (k < 0)
+            return -1;
+        p += k;
+        n -= (size_t)k;
+    }
+    return 0;
+}
+
+/* Read one answer frame. Returns its payload, in `first` when it fits there, else in a
+ * buffer put in *owned (the caller frees it); NULL with an exception set on failure. */
+static const char *relay_read_frame(int fd, char *first, size_t *size, char **owned)
+{
+    ssize_t got = relay_recv(fd, first, RELAY_FIRST_READ);
+    if (got < 0)
+        return NULL;
+    if (got < 4 && relay_recv_exact(fd, first + got, 4 - (size_t)got) < 0)
+        return NULL;
+    if (got < 4)
+        got = 4;
+    const unsigned char *h = (const unsigned char *)first;
+    uint32_t n = (uint32_t)h[0] << 24 | (uint32_t)h[1] << 16 | (uint32_t)h[2] << 8 | h[3];
+    if (n > RELAY_MAX_ANSWER) {
+        PyErr_Format(PyExc_ConnectionError, "message of %u bytes", (unsigned)n);
+        return NULL;
+    }
+    *size = n;
+    size_t have = (size_t)got - 4; /* anything past this frame is the peer's error: dropped */
+    if (have >= n)
+        return first + 4;
+    char *buf = malloc(n);
+    if (buf == NULL) {
+        PyErr_NoMemory();
+        return NULL;
+    }
+    memcpy(buf, first + 4, have);
+    if (relay_recv_exact(fd, buf + have, n - have) < 0) {
+        free(buf);
+        return NULL;
+    }
+    *owned = buf;
+    return buf;
+}
+
+/* Split the answer into ev[i]'s seq/prev/hash: exactly n lines of exactly three
+ * tab-separated fields, seq in decimal digits. 0, or -1 when malformed. */
+static int relay_parse(const char *p, size_t size, relayed_t *ev, Py_ssize_t n)
+{
+    const char *end = p + size;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        const char *eol = memchr(p, '\n', (size_t)(end - p));
+        if (eol == NULL)
+            eol = end;
+        if ((eol == end) != (i == n - 1))
+            return -1; /* fewer or more lines than events */
+        const char *t1 = memchr(p, '\t', (size_t)(eol - p));
+        const char *t2 = t1 ? memchr(t1 + 1, '\t', (size_t)(eol - t1 - 1)) : NULL;
+        if (t2 == NULL || memchr(t2 + 1, '\t', (size_t)(eol - t2 - 1)) != NULL)
+            return -1;
+        if (t1 == p || t1 - p > 18)
+            return -1; /* no seq, or more digits than a bigint has */
+        long long seq = 0;
+        for (const char *d = p; d < t1; d++) {
+            if (*d < '0' || *d > '9')
+                return -1;
+            seq = seq * 10 + (*d - '0');
+        }
+        ev[i].seq = seq;
+        ev[i].prev = t1 + 1;
+        ev[i].prev_len = (size_t)(t2 - t1 - 1);
+        ev[i].hash = t2 + 1;
+        ev[i].hash_len = (size_t)(eol - t2 - 1);
+        p = eol + 1;
+    }
+    return 0;
+}
+
+/* The stored body, as Ledger._chain writes it: head + ',"seq":N,"time":"T"}'. */
+static int relay_body(buf_t *b, const relayed_t *e)
+{
+    char tail[48];
+    int tail_len = snprintf(tail, sizeof tail, ",\"seq\":%lld,\"time\":\"", e->seq);
+    b->n = 0;
+    return buf_put(b, e->head_s, (size_t)e->head_len) || buf_put(b, tail, (size_t)tail_len) ||
+           buf_put(b, e->time_s, (size_t)e->time_len) || buf_put(b, "\"}", 2);
+}
+
+static int set_item_steal(PyObject *dict, PyObject *key, PyObject *value)
+{
+    if (value == NULL)
+        return -1;
+    int rc = PyDict_SetItem(dict, key, value);
+    Py_DECREF(value);
+    return rc;
+}
+
+/* The record as Ledger._stored builds it: from the event's parts (ctx, data_json, kind)
+ * when it has them, else from its body. */
+static PyObject *relay_record(const relayed_t *e, PyObject *prev, PyObject *hash,
+                              PyObject *loads, buf_t *body)
+{
+    PyObject *rec;
+    if (e->parts != NULL) {
+        if (!PyTuple_Check(e->parts) || PyTuple_GET_SIZE(e->parts) != 3) {
+            PyErr_SetString(PyExc_TypeError, "an event's parts must be (ctx, data_json, kind)");
+            return NULL;
+        }
+        PyObject *ctx = PyTuple_GET_ITEM(e->parts, 0);
+        rec = PyDict_New();
+        if (rec == NULL)
+            return NULL;
+        if (set_item_steal(rec, k_context,
+                           PyDict_CheckExact(ctx)
+                               ? PyDict_Copy(ctx)
+                               : PyObject_CallOneArg((PyObject *)&PyDict_Type, ctx)) ||
+            set_item_steal(rec, k_data, PyObject_CallOneArg(loads, PyTuple_GET_ITEM(e->parts, 1))) ||
+            PyDict_SetItem(rec, k_kind, PyTuple_GET_ITEM(e->parts, 2)) ||
+            set_item_steal(rec, k_seq, PyLong_FromLongLong(e->seq)) ||
+            PyDict_SetItem(rec, k_time, e->time))
+            goto fail;
+    } else {
+        if (relay_body(body, e))
+            return PyErr_NoMemory();
+        PyObject *text = PyUnicode_DecodeUTF8(body->p, (Py_ssize_t)body->n, "strict");
+        if (text == NULL)
+            return NULL;
+        rec = PyObject_CallOneArg(loads, text);
+        Py_DECREF(text);
+        if (rec == NULL)
+            return NULL;
+        if (!PyDict_Check(rec)) {
+            PyErr_SetString(PyExc_TypeError, "a record's body must be a JSON object");
+            goto fail;
+        }
+    }
+    if (PyDict_SetItem(rec, k_prev, prev) || PyDict_SetItem(rec, k_hash, hash))
+        goto fail;
+    return rec;
+fail:
+    Py_DECREF(rec);
+    return NULL;
+}
+
+/* A field of the answer as str; NULL without an exception set when it is not UTF-8
+ * (a malformed answer, as ledger_relay's decode() failing). */
+static PyObject *relay_field(const char *p, size_t n)
+{
+    PyObject *s = PyUnicode_DecodeUTF8(p, (Py_ssize_t)n, "strict");
+    if (s == NULL && PyErr_ExceptionMatches(PyExc_UnicodeDecodeError))
+        PyErr_Clear();
+    return s;
+}
+
+static PyObject *relay_malformed(void)
+{
+    Py_RETURN_NONE;
+}
+
+/* After the round trip: parse, check every hash, build the records (GIL held). */
+static PyObject *relay_answer(const char *ans, size_t size, relayed_t *ev, Py_ssize_t n,
+                              PyObject *loads)
+{
+    if (size > 0 && ans[0] == '!')
+        return PyUnicode_DecodeUTF8(ans + 1, (Py_ssize_t)size - 1, "replace");
+    if (n == 0) /* as ledger_relay: no events, and an empty answer, is no rows */
+        return size == 0 ? PyList_New(0) : relay_malformed();
+    if (relay_parse(ans, size, ev, n) < 0)
+        return relay_malformed();
+    PyObject **fields = calloc(2 * (size_t)n, sizeof *fields); /* prev, hash of each row */
+    if (fields == NULL)
+        return PyErr_NoMemory();
+    PyObject *out = NULL;
+    buf_t body = {0};
+    /* Decode every row before checking any hash: a malformed answer is told apart from a
+     * wrong hash exactly as ledger_relay's parse-then-verify does. */
+    for (Py_ssize_t i = 0; i < n; i++) {
+        fields[2 * i] = relay_field(ev[i].prev, ev[i].prev_len);
+        fields[2 * i + 1] = fields[2 * i] ? relay_field(ev[i].hash, ev[i].hash_len) : NULL;
+        if (fields[2 * i + 1] == NULL) {
+            if (!PyErr_Occurred())
+                out = relay_malformed();
+            goto done;
+        }
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        char hex[HASH_HEX];
+        if (relay_body(&body, &ev[i])) {
+            PyErr_NoMemory();
+            goto done;
+        }
+        record_hash_hex_n(ev[i].prev, ev[i].prev_len, body.p, body.n, hex);
+        if (ev[i].hash_len != HASH_HEX || memcmp(hex, ev[i].hash, HASH_HEX) != 0) {
+            out = PyLong_FromLongLong(ev[i].seq);
+            goto done;
+        }
+    }
+    out = PyList_New(n);
+    for (Py_ssize_t i = 0; out != NULL && i < n; i++) {
+        PyObject *rec = relay_record(&ev[i], fields[2 * i], fields[2 * i + 1], loads, &body);
+        if (rec == NULL)
+            Py_CLEAR(out);
+        else
+            PyList_SET_ITEM(out, i, rec);
+    }
+done:
+    for (Py_ssize_t i = 0; i < 2 * n; i++)
+        Py_XDECREF(fields[i]);
+    free(fields);
+    free(body.p);
+    return out;
+}
+
+/* Take each prepared event's head, time and parts (new references). */
+static int relay_events(PyObject *seq, relayed_t *ev, Py_ssize_t n)
+{
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *event = PySequence_Fast_GET_ITEM(seq, i);
+        if (!PyDict_Check(event)) {
+            PyErr_SetString(PyExc_TypeError, "each prepared event must be a dict");
+            return -1;
+        }
+        PyObject *key[2] = {k_head, k_time}, *val[2];
+        for (int j = 0; j < 2; j++) {
+            val[j] = PyDict_GetItemWithError(event, key[j]);
+            if (val[j] == NULL) {
+                if (!PyErr_Occurred())
+                    PyErr_SetObject(PyExc_KeyError, key[j]);
+                return -1;
+            }
+        }
+        Py_INCREF(val[0]);
+        Py_INCREF(val[1]);
+        ev[i].head = val[0];
+        ev[i].time = val[1];
+        ev[i].head_s = PyUnicode_AsUTF8AndSize(val[0], &ev[i].head_len);
+        ev[i].time_s = PyUnicode_AsUTF8AndSize(val[1], &ev[i].time_len);
+        if (ev[i].head_s == NULL || ev[i].time_s == NULL)
+            return -1;
+        PyObject *parts = PyDict_GetItemWithError(event, k_parts);
+        if (parts == NULL && PyErr_Occurred())
+            return -1;
+        int truth = parts == NULL ? 0 : PyObject_IsTrue(parts);
+        if (truth < 0)
+            return -1;
+        if (truth) {
+            Py_INCREF(parts);
+            ev[i].parts = parts;
+        }
+    }
+    return 0;
+}
+
+PyDoc_STRVAR(relay_store_doc,
+             "relay_store(fd, prepared, loads) -> list[dict] | str | int | None\n\n"
+             "Send prepared events (dicts with head, time and maybe parts) to the relay on the\n"
+             "connected socket fd, read its answer and check every hash. Returns the records\n"
+             "as Ledger._stored builds them (loads is json.loads); the relay's message for a\n"
+             "'!' answer; the seq of the first record whose hash is not the client's; or\n"
+             "None for a malformed answer. Socket errors, timeouts (the socket's\n"
+             "SO_RCVTIMEO/SO_SNDTIMEO) and a closed connection raise OSError. The GIL is\n"
+             "released around each send() and recv().");
+
+static PyObject *relay_store(PyObject *self, PyObject *args)
+{
+    (void)self;
+    int fd;
+    PyObject *prepared, *loads;
+    if (!PyArg_ParseTuple(args, "iOO", &fd, &prepared, &loads))
+        return NULL;
+    PyObject *seq = PySequence_Fast(prepared, "prepared must be a sequence");
+    if (seq == NULL)
+        return NULL;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    relayed_t *ev = calloc(n ? (size_t)n : 1, sizeof *ev);
+    char *payload = NULL, *owned = NULL, *first = NULL;
+    PyObject *out = NULL;
+    if (ev == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    if (relay_events(seq, ev, n) < 0)
+        goto done;
+    /* The frame: length, then "time\thead" lines joined by "\n". */
+    size_t len = n > 0 ? (size_t)n - 1 : 0;
+    for (Py_ssize_t i = 0; i < n; i++)
+        len += (size_t)ev[i].time_len + 1 + (size_t)ev[i].head_len;
+    if (len > UINT32_MAX) {
+        errno = EMSGSIZE;
+        PyErr_SetFromErrno(PyExc_OSError);
+        goto done;
+    }
+    payload = malloc(4 + len);
+    first = malloc(RELAY_FIRST_READ);
+    if (payload == NULL || first == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    unsigned char *p = (unsigned char *)payload;
+    *p++ = (unsigned char)(len >> 24);
+    *p++ = (unsigned char)(len >> 16);
+    *p++ = (unsigned char)(len >> 8);
+    *p++ = (unsigned char)len;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (i > 0)
+            *p++ = '\n';
+        memcpy(p, ev[i].time_s, (size_t)ev[i].time_len);
+        p += ev[i].time_len;
+        *p++ = '\t';
+        memcpy(p, ev[i].head_s, (size_t)ev[i].head_len);
+        p += ev[i].head_len;
+    }
+    if (relay_send_all(fd, payload, 4 + len) < 0)
+        goto done;
+    size_t size = 0;
+    const char *ans = relay_read_frame(fd, first, &size, &owned);
+    if (ans == NULL)
+        goto done;
+    out = relay_answer(ans, size, ev, n, loads);
+done:
+    for (Py_ssize_t i = 0; ev != NULL && i < n; i++) {
+        Py_XDECREF(ev[i].head);
+        Py_XDECREF(ev[i].time);
+        Py_XDECREF(ev[i].parts);
+    }
+    free(ev);
+    free(payload);
+    free(first);
+    free(owned);
+    Py_DECREF(seq);
+    return out;
+}
+
 /* ------------------------------------------------------------------ module */
 
 PyDoc_STRVAR(scan_doc,
@@ -1133,11 +1557,12 @@ static PyObject *scan(PyObject *self, PyObject *args)
 static PyMethodDef methods[] = {
     {"scan", scan, METH_VARARGS, scan_doc},
     {"tally", tally, METH_VARARGS, tally_doc},
+    {"relay_store", relay_store, METH_VARARGS, relay_store_doc},
     {NULL, NULL, 0, NULL},
 };
 
 static struct PyModuleDef module = {
-    PyModuleDef_HEAD_INIT, "_chain_fast", "Fast hash-chain walk for SQLite ledgers.", -1,
+    PyModuleDef_HEAD_INIT, "_chain_fast", "The append fast paths and the SQLite ledger's fast chain walk.", -1,
     methods,
 };
 
@@ -1152,6 +1577,15 @@ PyMODINIT_FUNC PyInit__chain_fast(void)
         return NULL;
     if (PyType_Ready(&AppenderType) < 0)
         return NULL;
+    struct {
+        PyObject **key;
+        const char *name;
+    } keys[] = {{&k_head, "head"}, {&k_time, "time"}, {&k_parts, "parts"},
+                {&k_context, "context"}, {&k_data, "data"}, {&k_kind, "kind"},
+                {&k_seq, "seq"}, {&k_prev, "prev"}, {&k_hash, "hash"}};
+    for (size_t i = 0; i < sizeof keys / sizeof *keys; i++)
+        if ((*keys[i].key = PyUnicode_InternFromString(keys[i].name)) == NULL)
+            return NULL;
     PyObject *m = PyModule_Create(&module);
     if (m == NULL)
         return NULL;

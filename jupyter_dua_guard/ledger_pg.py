@@ -692,8 +692,10 @@ class PostgresLedger(Ledger):
             )
         return rows
 
-    def _via_relay(self, heads: list[str], times: list[str]) -> list[tuple] | None:
-        """Hand the events to this server's relay; None when there is none to use now."""
+    def _via_relay(self, prepared: list[dict[str, Any]]) -> list[dict[str, Any]] | None:
+        """Hand the events to this server's relay: their records, or None when there is none
+        to use now."""
+        from . import ledger_relay
         from .ledger_relay import RelayClient, RelayError, RelayUnknown
 
         if self._relay is None:
@@ -701,7 +703,10 @@ class PostgresLedger(Ledger):
                 return None
             self._relay = RelayClient(self.relay_path, self.statement_timeout + 5)
         try:
-            return self._relay.submit(heads, times)
+            if ledger_relay._relay_store is not None:
+                out = self._relay.store(prepared)
+            else:
+                rows = self._relay.submit(*_columns(prepared))
         except RelayUnknown as exc:
             if not self._relay.connected:  # the relay itself failed: go direct for a while
                 self._relay = None
@@ -711,23 +716,36 @@ class PostgresLedger(Ledger):
             self._relay = None
             self._relay_retry_at = time.monotonic() + self.retry
             return None
+        if ledger_relay._relay_store is None:
+            return self._checked(prepared, rows)
+        if type(out) is int:
+            raise self._hashed_differently(out)
+        return out
 
     def _to_database(self, prepared: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        if self.relay_path and (records := self._via_relay(prepared)) is not None:
+            return records
         heads, times = _columns(prepared)
-        rows = self._via_relay(heads, times) if self.relay_path else None
-        if rows is None:
-            rows = self._submit(heads, times)
+        return self._checked(prepared, self._submit(heads, times))
+
+    def _checked(
+        self, prepared: list[dict[str, Any]], rows: list[tuple[int, str, str]]
+    ) -> list[dict[str, Any]]:
+        """The records, once every hash the database gave is the one this client computes."""
         records = []
         for event, (seq, prev, digest) in zip(prepared, rows, strict=True):
             body = f'{event["head"]},"seq":{seq},"time":"{event["time"]}"}}'
             if record_hash(prev, body) != digest:
-                raise LedgerError(
-                    f"ledger {self.url} hashed record {seq} differently from this client: the "
-                    "database is not UTF-8 or its chain function was altered; run "
-                    "`jupyter dua-guard verify`"
-                )
+                raise self._hashed_differently(seq)
             records.append((seq, prev, digest, body))
         return self._stored(records, prepared)
+
+    def _hashed_differently(self, seq: int) -> LedgerError:
+        return LedgerError(
+            f"ledger {self.url} hashed record {seq} differently from this client: the "
+            "database is not UTF-8 or its chain function was altered; run "
+            "`jupyter dua-guard verify`"
+        )
 
     # -- spool
     def _spool_path(self) -> Path:
