@@ -4,6 +4,7 @@ Each relay test runs with both loops: the C one (``_relay_fast``) and the Python
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
 import os
 import signal
@@ -19,7 +20,7 @@ import pytest
 from ledger_helpers import check_writers_once_in_order
 
 from jupyter_dua_guard import ledger_pg, ledger_relay
-from jupyter_dua_guard.ledger import open_ledger, redact_url
+from jupyter_dua_guard.ledger import LedgerError, open_ledger, redact_url
 from jupyter_dua_guard.ledger_relay import LedgerRelay, RelayClient, RelayUnknown, relay_url
 
 TOOL = {"name": "torch", "distribution": "torch", "version": "2.4.1", "category": "deep-learning"}
@@ -84,7 +85,7 @@ def test_relay_batches_many_writers_into_one_gap_free_chain(pg_ledger, sock_dir)
     assert not (sock_dir / "r.sock").exists()  # a closed relay leaves no socket behind
 
 
-@pytest.mark.usefixtures("impl")
+@pytest.mark.usefixtures("impl", "client")
 def test_records_through_relay_are_what_readers_see(pg_ledger, sock_dir):
     relay = LedgerRelay(pg_ledger.writer, sock_dir / "r.sock", connections=1)
     try:
@@ -345,3 +346,253 @@ def test_relay_directory_writable_by_others_is_refused(pg_ledger, sock_dir):
     os.chmod(sock_dir, 0o777)
     with pytest.raises(OSError, match="writable by other users"):
         LedgerRelay(pg_ledger.writer, sock_dir / "r.sock")
+
+
+# -- a kernel's side of a relayed append: C (_chain_fast.relay_store) and Python fallback
+
+
+@pytest.fixture(params=["c", "python"])
+def client(request, monkeypatch) -> dict[str, int]:
+    """Which kernel-side path runs: C when built, else submit() and ledger_pg's checks. The
+    counts prove which one served the appends."""
+    calls = {"c": 0, "python": 0}
+    if request.param == "python":
+        monkeypatch.setattr(ledger_relay, "_relay_store", None)
+        submit = RelayClient.submit
+
+        def counted_submit(self, heads, times):
+            calls["python"] += 1
+            return submit(self, heads, times)
+
+        monkeypatch.setattr(RelayClient, "submit", counted_submit)
+    else:
+        real = ledger_relay._relay_store
+        if real is None:
+            pytest.skip("the C client path (_chain_fast.relay_store) is not built")
+
+        def counted_store(*args):
+            calls["c"] += 1
+            return real(*args)
+
+        monkeypatch.setattr(ledger_relay, "_relay_store", counted_store)
+    calls["param"] = request.param
+    return calls
+
+
+def _served_by(calls: dict, n: int) -> None:
+    other = "python" if calls["param"] == "c" else "c"
+    assert calls[calls["param"]] == n and calls[other] == 0
+
+
+class FakeRelay:
+    """A relay stand-in: stores each request through its own direct connection (when
+    ``store``), then answers with what ``answer(request_number, rows)`` gives: byte chunks
+    sent one by one with pauses (so the kernel reads them in several recv()s), and a final
+    None to close the connection there."""
+
+    def __init__(self, url: str, path: str, answer, store: bool = True) -> None:
+        import threading
+
+        self.db = ledger_pg.PostgresLedger(url, relay=False)
+        self.answer, self.store = answer, store
+        self.connections = self.requests = 0
+        self.path = path
+        self.listener = socket.socket(socket.AF_UNIX)
+        self.listener.bind(path)
+        self.listener.listen(8)
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            self.connections += 1
+            with conn:
+                self._talk(conn)
+
+    def _talk(self, conn: socket.socket) -> None:
+        while True:
+            try:
+                payload = _read_answer(conn)
+            except (AssertionError, OSError):
+                return
+            lines = [line.split(b"\t", 1) for line in payload.split(b"\n")]
+            rows = None
+            if self.store:
+                heads, times = [h.decode() for _, h in lines], [t.decode() for t, _ in lines]
+                rows = self.db._submit(heads, times)
+            chunks = self.answer(self.requests, rows)
+            self.requests += 1
+            for chunk in chunks:
+                if chunk is None:
+                    return
+                conn.sendall(chunk)
+                time.sleep(0.002)
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.listener.shutdown(socket.SHUT_RDWR)  # wakes the accept() (Linux)
+        self.listener.close()
+        self.thread.join(10)
+        self.db.close()
+
+
+def _answer(rows) -> bytes:
+    return "\n".join(f"{s}\t{p}\t{h}" for s, p, h in rows).encode()
+
+
+def _in_pieces(payload: bytes, size: int = 3) -> list[bytes]:
+    raw = _frame(payload)
+    return [raw[i : i + size] for i in range(0, len(raw), size)]
+
+
+ODD = {"name": "zé 東京", "note": 'tab\there "quoted" \\ back\nline \u2028', "n": 3, "x": None}
+
+
+def test_answers_in_many_pieces_give_the_stored_records(pg_ledger, sock_dir, client):
+    """An answer cut into 3-byte recv()s, and one larger than the first read (the C path's
+    16 KiB), give exactly the records readers see; odd text and explicit contexts too."""
+
+    def answer(i, rows):
+        return [*_in_pieces(_answer(rows))] if i == 0 else [_frame(_answer(rows))]
+
+    relay = FakeRelay(pg_ledger.writer, str(sock_dir / "f.sock"), answer)
+    many = [("ai_ml_import", {**ODD, "i": i}, {"kernel_id": f"k\t{i}"}) for i in range(150)]
+    many += [("egress_blocked", {"host": "x.test", "i": i}, None) for i in range(150)]
+    try:
+        with open_ledger(relay_url(pg_ledger.writer, relay.path)) as ledger:
+            got = [ledger.append("ai_ml_import", ODD), *ledger.append_many(many)]
+            assert ledger.spooled() == 0
+        with open_ledger(pg_ledger.writer) as ledger:
+            stored = list(ledger.records())
+            assert ledger.verify().ok
+    finally:
+        relay.close()
+    assert got == stored and len(stored) == 301
+    assert len(_frame(_answer([(1, "0" * 64, "0" * 64)] * 300))) > 16384
+    assert stored[0]["data"] == ODD and stored[1]["context"]["kernel_id"] == "k\t0"
+    assert relay.connections == 1 and relay.requests == 2
+    _served_by(client, 2)
+
+
+def test_relay_message_spools_and_keeps_the_connection(pg_ledger, sock_dir, client):
+    """A '!' answer: the events are spooled (stored once by the next append's flush), and
+    the connection to the relay is kept for that next append."""
+
+    def answer(i, rows):
+        if i == 0:
+            return [_frame("!the relay could not store the events: ñ".encode())]
+        return _in_pieces(_answer(rows), 40)
+
+    relay = FakeRelay(pg_ledger.writer, str(sock_dir / "f.sock"), answer, store=False)
+    try:
+        with open_ledger(relay_url(pg_ledger.writer, relay.path)) as ledger:
+            ledger.append("ai_ml_import", {**TOOL, "version": "1"})
+            assert ledger.spooled() == 1
+            assert ledger.last_error == "the relay could not store the events: ñ"
+            relay.store = True
+            second = ledger.append("ai_ml_import", {**TOOL, "version": "2"})
+            assert ledger.spooled() == 0
+        with open_ledger(pg_ledger.writer) as ledger:
+            stored = list(ledger.records())
+    finally:
+        relay.close()
+    assert [r["data"]["version"] for r in stored] == ["1", "2"] and second == stored[1]
+    assert relay.connections == 1 and relay.requests == 2
+    _served_by(client, 2)
+
+
+_GOOD = "0" * 64
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        b"",
+        b"1\tabc",
+        b"1\ta\tb\tc",
+        f"1\t{_GOOD}\t{_GOOD}\n".encode(),  # a line too many
+        f"x1\t{_GOOD}\t{_GOOD}".encode(),
+        f"1\t\xff{_GOOD}\t{_GOOD}".encode("latin-1"),  # not UTF-8
+        f"1\t{_GOOD}\t{_GOOD}\n2\t{_GOOD}\t{_GOOD}".encode(),  # rows for other events
+    ],
+)
+def test_malformed_answer_spools_and_drops_the_relay(pg_ledger, sock_dir, client, bad):
+    relay = FakeRelay(pg_ledger.writer, str(sock_dir / "f.sock"), lambda i, rows: [_frame(bad)])
+    try:
+        with open_ledger(relay_url(pg_ledger.writer, relay.path)) as ledger:
+            record = ledger.append("ai_ml_import", TOOL)
+            assert ledger.spooled() == 1 and "gave a malformed answer" in ledger.last_error
+            assert ledger._relay is None  # closed: the next appends go direct for a while
+            ledger.append("ai_ml_import", {**TOOL, "version": "2"})
+        with open_ledger(pg_ledger.writer) as ledger:
+            stored = list(ledger.records())
+            assert ledger.verify().ok
+    finally:
+        relay.close()
+    assert [r["data"] for r in stored] == [TOOL, {**TOOL, "version": "2"}]  # once each
+    assert record["data"] == TOOL
+    _served_by(client, 1)
+
+
+def test_wrong_hash_from_the_relay_is_an_error(pg_ledger, sock_dir, client):
+    """A relay (or database) that answers another hash: the append raises the ledger's
+    error naming the record, and returns no records."""
+
+    def answer(i, rows):
+        rows = [list(r) for r in rows]
+        rows[1][2] = rows[1][2][::-1]  # still 64 hex digits, not the client's
+        return [_frame(_answer(rows))]
+
+    relay = FakeRelay(pg_ledger.writer, str(sock_dir / "f.sock"), answer)
+    try:
+        with open_ledger(relay_url(pg_ledger.writer, relay.path)) as ledger:
+            with pytest.raises(LedgerError, match=r"hashed record 2 differently from this client"):
+                ledger.append_many([("ai_ml_import", TOOL, None)] * 3)
+            assert ledger.spooled() == 0
+    finally:
+        relay.close()
+    _served_by(client, 1)
+
+
+def test_relay_closing_mid_answer_stores_each_event_once(pg_ledger, sock_dir, client):
+    """The relay stored the events but died half-way through its answer: the kernel spools
+    them, and the flush at its next append skips what the database already has."""
+
+    def answer(i, rows):
+        return [*_in_pieces(_answer(rows), 50)[:2], None] if i == 0 else [_frame(_answer(rows))]
+
+    relay = FakeRelay(pg_ledger.writer, str(sock_dir / "f.sock"), answer)
+    try:
+        with open_ledger(relay_url(pg_ledger.writer, relay.path)) as ledger:
+            ledger.append_many([("ai_ml_import", {**TOOL, "version": v}, None) for v in "ab"])
+            assert ledger.spooled() == 2 and "gave no answer" in ledger.last_error
+            ledger.append("ai_ml_import", {**TOOL, "version": "c"})
+            assert ledger.spooled() == 0
+        with open_ledger(pg_ledger.writer) as ledger:
+            stored = list(ledger.records())
+            assert ledger.verify().ok
+    finally:
+        relay.close()
+    assert [r["data"]["version"] for r in stored] == ["a", "b", "c"]
+    _served_by(client, 1)
+
+
+def test_relay_that_never_answers_times_out(pg_ledger, sock_dir, client):
+    relay = FakeRelay(pg_ledger.writer, str(sock_dir / "f.sock"), lambda i, rows: [], store=False)
+    url = relay_url(pg_ledger.writer + "&statement_timeout=0.3", relay.path)
+    try:
+        with open_ledger(url) as ledger:
+            began = time.monotonic()
+            ledger.append("ai_ml_import", TOOL)
+            assert 5 <= time.monotonic() - began < 15  # statement_timeout + 5 s
+            assert ledger.spooled() == 1 and "gave no answer" in ledger.last_error
+    finally:
+        relay.close()
+    with open_ledger(pg_ledger.writer) as ledger:
+        ledger.flush()
+        assert [r["data"] for r in ledger.records()] == [TOOL]
+    _served_by(client, 1)
