@@ -695,28 +695,27 @@ class PostgresLedger(Ledger):
     def _via_relay(self, prepared: list[dict[str, Any]]) -> list[dict[str, Any]] | None:
         """Hand the events to this server's relay: their records, or None when there is none
         to use now."""
-        from . import ledger_relay
-        from .ledger_relay import RelayClient, RelayError, RelayUnknown
-
+        relay_mod = _relay_module or _import_relay()
         if self._relay is None:
             if time.monotonic() < self._relay_retry_at:
                 return None
-            self._relay = RelayClient(self.relay_path, self.statement_timeout + 5)
+            self._relay = relay_mod.RelayClient(self.relay_path, self.statement_timeout + 5)
+        fast = relay_mod._relay_store is not None
         try:
-            if ledger_relay._relay_store is not None:
+            if fast:
                 out = self._relay.store(prepared)
             else:
                 rows = self._relay.submit(*_columns(prepared))
-        except RelayUnknown as exc:
+        except relay_mod.RelayUnknown as exc:
             if not self._relay.connected:  # the relay itself failed: go direct for a while
                 self._relay = None
                 self._relay_retry_at = time.monotonic() + self.retry
             raise _RelayLost(str(exc)) from None
-        except RelayError:
+        except relay_mod.RelayError:
             self._relay = None
             self._relay_retry_at = time.monotonic() + self.retry
             return None
-        if ledger_relay._relay_store is None:
+        if not fast:
             return self._checked(prepared, rows)
         if type(out) is int:
             raise self._hashed_differently(out)
@@ -1439,6 +1438,19 @@ def _submit_failure(message: str, state: str) -> SubmitResult:
     return SubmitResult(
         None, f"{message} — check `jupyter dua-guard db init` and the role's grants"
     )
+
+
+_relay_module: Any = None  # ledger_relay once a relayed append needed it
+
+
+def _import_relay() -> Any:
+    """ledger_relay, imported on first use (kernels without a relay never load it) and kept:
+    an import statement on every append costs ~2 µs."""
+    global _relay_module
+    from . import ledger_relay
+
+    _relay_module = ledger_relay
+    return ledger_relay
 
 
 def _columns(batch: list[dict[str, Any]]) -> tuple[list[str], list[str]]:
