@@ -76,9 +76,18 @@ _CANONICAL = json.JSONEncoder(
 )
 
 
+# The C encoder that _CANONICAL.encode builds anew on every call (with the same arguments),
+# called directly: ~1.4 of an append's ~7 µs of Python.
+_C_ENCODER = getattr(json.encoder, "c_make_encoder", None)
+_C_STRING = getattr(json.encoder, "c_encode_basestring", None)
+
+
 def canonical_json(value: Any) -> str:
     """The one JSON text of a value that every writer and verifier agrees on."""
     try:
+        if _C_ENCODER is not None and _C_STRING is not None:
+            encode = _C_ENCODER({}, str, _C_STRING, None, ":", ",", True, False, False)
+            return "".join(encode(value, 0))
         return _CANONICAL.encode(value)
     except (TypeError, ValueError) as exc:
         raise LedgerError(f"event is not JSON-serialisable ({exc}): pass plain values") from None
@@ -263,7 +272,7 @@ class Ledger(abc.ABC):
         self, kind: str, data: Mapping[str, Any], context: Mapping[str, Any] | None = None
     ) -> dict[str, Any]:
         """Record one event durably and return the stored record (with seq and hash)."""
-        return self.append_many([(kind, data, context)])[0]
+        return self._store([self._prepare(kind, data, context)])[0]  # append_many, one event
 
     def append_many(
         self,
