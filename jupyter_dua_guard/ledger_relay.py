@@ -23,7 +23,9 @@ no GIL per event) when that module was built: in Python it costs 65-100 µs of C
 event, more than the database spends storing it. Without it (no compiler, or
 ``JUPYTER_DUA_GUARD_NO_C=1``) the same loop runs in Python (``selectors`` and psycopg's
 ``pq`` layer). Both share what is said to kernels: the C loop has ``_explain`` word its
-failures with ``ledger_pg``'s own functions.
+failures with ``ledger_pg``'s own functions. A kernel's side (``RelayClient.store``) is one
+C call too when ``_chain_fast`` has ``relay_store``; ``submit`` and ``ledger_pg``'s checks
+are its fallback.
 """
 
 from __future__ import annotations
