@@ -513,7 +513,6 @@ class PostgresLedger(Ledger):
         self._spool: SQLiteLedger | None = None
         self._spool_owner: int | None = None
         self.last_error: str | None = None
-        self._schema_checked = False
         if self.relay_path and not (create and spool_files(self.spool_dir)):
             # A kernel behind its server's relay connects only when the relay is away, so
             # that a hub holds a few connections per server rather than one per kernel.
@@ -570,13 +569,13 @@ class PostgresLedger(Ledger):
             )
         except psycopg.Error as exc:
             raise _Unavailable(_one_line(exc)) from None
-        if not self._schema_checked:
-            try:
-                self._check_schema(conn)
-            except LedgerError as exc:
-                conn.close()
-                raise _WrongSchema(str(exc)) from None
-            self._schema_checked = True
+        # Checked on every (re)connection: a database upgraded or replaced meanwhile must
+        # not be written to.
+        try:
+            self._check_schema(conn)
+        except LedgerError as exc:
+            conn.close()
+            raise _WrongSchema(str(exc)) from None
         self._conn_obj = conn
         return conn
 

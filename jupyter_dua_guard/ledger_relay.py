@@ -394,11 +394,8 @@ class LedgerRelay:
         if time.monotonic() < self._down_until:
             raise _Unavailable(self._down_why)
         times, heads = zip(*(line.split(b"\t", 1) for line in lines), strict=True)
-        fresh = link.ledger._conn_obj is None
         try:
-            conn = link.ledger._connection()
-            if fresh:  # a database upgraded or replaced meanwhile must not be written to
-                link.ledger._check_schema(conn)
+            conn = link.ledger._connection()  # checks the schema when it (re)connects
         except (_Unavailable, LedgerError) as exc:
             link.ledger._drop_connection()
             self._note_down(str(exc))
