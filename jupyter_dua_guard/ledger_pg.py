@@ -562,11 +562,7 @@ class PostgresLedger(Ledger):
             return self._conn_obj
         try:
             conn = psycopg.connect(self._conninfo, autocommit=True)
-            conn.execute(
-                "SELECT set_config('statement_timeout', %s, false), "
-                "set_config('lock_timeout', %s, false)",
-                (f"{int(self.statement_timeout * 1000)}", f"{int(self.statement_timeout * 1000)}"),
-            )
+            conn.execute(_session_setup(self.statement_timeout))
         except psycopg.Error as exc:
             raise _Unavailable(_one_line(exc)) from None
         # Checked on every (re)connection: a database upgraded or replaced meanwhile must
@@ -1552,6 +1548,16 @@ def _remove_spool(path: Path) -> None:
 
 
 _META_SQL = f"SELECT key, value FROM {SCHEMA}.ledger_meta"
+
+
+def _session_setup(seconds: float) -> str:
+    """What every writing session sets first (kernels' and the relay's): no statement or
+    lock wait longer than ``seconds``, so that a kernel never hangs on the database."""
+    ms = int(seconds * 1000)
+    return (
+        f"SELECT set_config('statement_timeout', '{ms}', false), "
+        f"set_config('lock_timeout', '{ms}', false)"
+    )
 
 
 def _no_schema_error(url: str) -> LedgerError:

@@ -222,7 +222,14 @@ class LedgerRelay:
         connections: int = 1,
         log: logging.Logger | None = None,
     ) -> None:
-        from .ledger_pg import _META_SQL, _SUBMIT_CALL_PQ, SCHEMA, PostgresLedger, split_url
+        from .ledger_pg import (
+            _META_SQL,
+            _SUBMIT_CALL_PQ,
+            SCHEMA,
+            PostgresLedger,
+            _session_setup,
+            split_url,
+        )
 
         self.log = log or logging.getLogger(__name__)
         self.url = url
@@ -239,11 +246,10 @@ class LedgerRelay:
             raise
         if _relay_fast is not None:
             first.close()  # the C loop has its own connections (the system's libpq)
-            ms = int(first.statement_timeout * 1000)
+            # the session's bounds, then whether the schema exists (the loop reads column 2)
             setup = (
-                f"SELECT set_config('statement_timeout', '{ms}', false), "
-                f"set_config('lock_timeout', '{ms}', false), "
-                f"to_regclass('{SCHEMA}.ledger_meta') IS NOT NULL"
+                _session_setup(first.statement_timeout)
+                + f", to_regclass('{SCHEMA}.ledger_meta') IS NOT NULL"
             )
             try:
                 self._fast = _relay_fast.Relay(
