@@ -579,10 +579,12 @@ static int is_integer(const char *p, size_t n) {
 static void answer(relay *r, link_t *l) {
     req *batch = l->head;
     size_t events = l->events;
+    PGresult *rows = l->rows;
     l->head = l->tail = NULL;
+    l->rows = NULL;
     const char *error = l->error[0] ? l->error : NULL;
     long counts[3] = {-1, -1, -1};
-    if (l->rows) {
+    if (rows) {
         size_t need = 3 * (events + 1);
         if (r->cells_cap < need) {
             const char **cell = realloc(r->cell, need * sizeof *cell);
@@ -592,7 +594,7 @@ static void answer(relay *r, link_t *l) {
             if (cell && len) r->cells_cap = need;
         }
         for (int k = 0; k < 3 && r->cells_cap >= need; k++) {
-            const char *v = PQgetisnull(l->rows, 0, k) ? "{}" : PQgetvalue(l->rows, 0, k);
+            const char *v = PQgetisnull(rows, 0, k) ? "{}" : PQgetvalue(rows, 0, k);
             counts[k] = split_array(r, v, (size_t)k * (events + 1), events + 1);
         }
         int ok = counts[0] >= 0 && counts[0] == counts[1] && counts[1] == counts[2];
@@ -605,17 +607,19 @@ static void answer(relay *r, link_t *l) {
     if (error) {
         char why[REASON_MAX];
         copy_reason(why, error);
-        if (!l->rows && l->link_failed) {
+        if (!rows && l->link_failed) {
             note_down(r, why);
             drop_link(r, l);
         }
-        PQclear(l->rows);
-        l->rows = NULL;
+        PQclear(rows);
         fail_reqs(r, batch, why);
         return;
     }
     __atomic_add_fetch(&r->calls, 1, __ATOMIC_RELAXED);
     __atomic_add_fetch(&r->events, events, __ATOMIC_RELAXED);
+    /* The next batch goes to the database before these kernels are woken: on a loaded
+     * machine a woken kernel may take the CPU before the loop gets back to dispatching. */
+    dispatch(r);
     size_t at = 0, base1 = events + 1, base2 = 2 * (events + 1);
     for (req *q = batch; q;) {
         buf *o = &r->out;
@@ -643,8 +647,7 @@ static void answer(relay *r, link_t *l) {
         q = next;
     }
     buf_reset(&r->out);
-    PQclear(l->rows);
-    l->rows = NULL;
+    PQclear(rows);
 }
 
 /* One result of the call in flight: the first usable one decides, as _parse_submit_result. */

@@ -445,6 +445,9 @@ class LedgerRelay:
             return
         self._stats["calls"] += 1
         self._stats["events"] += len(rows)
+        # The next batch goes out before these kernels are woken: on a loaded machine a
+        # woken kernel may take the CPU before the loop gets back to dispatching.
+        self._dispatch()
         start = 0
         for client, count in batch:
             part = rows[start : start + count]
