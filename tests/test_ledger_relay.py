@@ -444,6 +444,14 @@ def _answer(rows) -> bytes:
     return "\n".join(f"{s}\t{p}\t{h}" for s, p, h in rows).encode()
 
 
+def _verified_records(url: str) -> list[dict]:
+    """What a reader sees in the database, once its chain has verified."""
+    with open_ledger(url) as ledger:
+        stored = list(ledger.records())
+        assert ledger.verify().ok
+    return stored
+
+
 def _in_pieces(payload: bytes, size: int = 3) -> list[bytes]:
     raw = _frame(payload)
     return [raw[i : i + size] for i in range(0, len(raw), size)]
@@ -466,9 +474,7 @@ def test_answers_in_many_pieces_give_the_stored_records(pg_ledger, sock_dir, cli
         with open_ledger(relay_url(pg_ledger.writer, relay.path)) as ledger:
             got = [ledger.append("ai_ml_import", ODD), *ledger.append_many(many)]
             assert ledger.spooled() == 0
-        with open_ledger(pg_ledger.writer) as ledger:
-            stored = list(ledger.records())
-            assert ledger.verify().ok
+        stored = _verified_records(pg_ledger.writer)
     finally:
         relay.close()
     assert got == stored and len(stored) == 301
@@ -528,9 +534,7 @@ def test_malformed_answer_spools_and_drops_the_relay(pg_ledger, sock_dir, client
             assert ledger.spooled() == 1 and "gave a malformed answer" in ledger.last_error
             assert ledger._relay is None  # closed: the next appends go direct for a while
             ledger.append("ai_ml_import", {**TOOL, "version": "2"})
-        with open_ledger(pg_ledger.writer) as ledger:
-            stored = list(ledger.records())
-            assert ledger.verify().ok
+        stored = _verified_records(pg_ledger.writer)
     finally:
         relay.close()
     assert [r["data"] for r in stored] == [TOOL, {**TOOL, "version": "2"}]  # once each
@@ -572,9 +576,7 @@ def test_relay_closing_mid_answer_stores_each_event_once(pg_ledger, sock_dir, cl
             assert ledger.spooled() == 2 and "gave no answer" in ledger.last_error
             ledger.append("ai_ml_import", {**TOOL, "version": "c"})
             assert ledger.spooled() == 0
-        with open_ledger(pg_ledger.writer) as ledger:
-            stored = list(ledger.records())
-            assert ledger.verify().ok
+        stored = _verified_records(pg_ledger.writer)
     finally:
         relay.close()
     assert [r["data"]["version"] for r in stored] == ["a", "b", "c"]
