@@ -1127,61 +1127,56 @@ typedef struct {
     size_t prev_len, hash_len;
 } relayed_t;
 
-/* send() all of p, the GIL released around each call. A signal (EINTR) runs Python's
- * handlers first, as socket.sendall does; an exception from one ends the call. */
-static int relay_send_all(int fd, const char *p, size_t n)
-{
-    while (n > 0) {
-        ssize_t k;
-        int err = 0;
-        Py_BEGIN_ALLOW_THREADS
-        k = send(fd, p, n, MSG_NOSIGNAL); /* EPIPE as an error, never SIGPIPE */
-        if (k < 0)
-            err = errno; /* before taking the GIL back */
-        Py_END_ALLOW_THREADS
-        if (k < 0) {
-            if (err == EINTR) {
-                if (PyErr_CheckSignals() < 0)
-                    return -1;
-                continue;
-            }
-            errno = err;
-            PyErr_SetFromErrno(PyExc_OSError); /* EAGAIN: SO_SNDTIMEO ran out */
-            return -1;
-        }
-        p += k;
-        n -= (size_t)k;
-    }
-    return 0;
-}
-
-/* One recv() of up to n bytes (>0), the GIL released; 0 when the peer closed, which is an
- * error here (ConnectionError, as ledger_relay says it). */
-static ssize_t relay_recv(int fd, char *p, size_t n)
+/* One send() (sending) or recv() on fd, the GIL released around it. A signal (EINTR) runs
+ * Python's handlers first, as socket.sendall does; an exception from one ends the call.
+ * -1 with an exception set (OSError with EAGAIN: SO_SNDTIMEO / SO_RCVTIMEO ran out). */
+static ssize_t relay_io(int fd, char *p, size_t n, int sending)
 {
     for (;;) {
         ssize_t k;
         int err = 0;
         Py_BEGIN_ALLOW_THREADS
-        k = recv(fd, p, n, 0);
+        /* MSG_NOSIGNAL: EPIPE as an error, never SIGPIPE */
+        k = sending ? send(fd, p, n, MSG_NOSIGNAL) : recv(fd, p, n, 0);
         if (k < 0)
             err = errno; /* before taking the GIL back */
         Py_END_ALLOW_THREADS
-        if (k > 0)
+        if (k >= 0)
             return k;
-        if (k == 0) {
-            PyErr_SetString(PyExc_ConnectionError, "connection closed");
-            return -1;
-        }
         if (err == EINTR) {
             if (PyErr_CheckSignals() < 0)
                 return -1;
             continue;
         }
         errno = err;
-        PyErr_SetFromErrno(PyExc_OSError); /* EAGAIN: SO_RCVTIMEO ran out */
+        PyErr_SetFromErrno(PyExc_OSError);
         return -1;
     }
+}
+
+/* send() all of p. */
+static int relay_send_all(int fd, const char *p, size_t n)
+{
+    while (n > 0) {
+        ssize_t k = relay_io(fd, (char *)p, n, 1);
+        if (k < 0)
+            return -1;
+        p += k;
+        n -= (size_t)k;
+    }
+    return 0;
+}
+
+/* One recv() of up to n bytes (>0); 0 when the peer closed, which is an error here
+ * (ConnectionError, as ledger_relay says it). */
+static ssize_t relay_recv(int fd, char *p, size_t n)
+{
+    ssize_t k = relay_io(fd, p, n, 0);
+    if (k == 0) {
+        PyErr_SetString(PyExc_ConnectionError, "connection closed");
+        return -1;
+    }
+    return k;
 }
 
 static int relay_recv_exact(int fd, char *p, size_t n)
