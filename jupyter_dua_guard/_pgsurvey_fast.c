@@ -722,12 +722,6 @@ static int set64_grow(set64 *s)
     return 1;
 }
 
-static void set64_prefetch(set64 *s, uint64_t v)
-{
-    if (s->cap)
-        __builtin_prefetch(&s->slots[mix64(v + 1) & (s->cap - 1)]);
-}
-
 static int set64_add(set64 *s, uint64_t v)
 {
     if (!set64_grow(s))
@@ -744,6 +738,82 @@ static int set64_add(set64 *s, uint64_t v)
     return 1;
 }
 
+/* Pairs (tool id, other id): the first PAIR_TOOLS tools as one bit row per other id, the
+ * rest in a set64. A ledger has few tools and many kernels; rows of 32 bytes stay in cache
+ * where a hash set of every pair would be probed at random. */
+#define PAIR_WORDS 4
+#define PAIR_TOOLS (PAIR_WORDS * 64)
+
+typedef struct {
+    uint64_t *rows;
+    size_t nrows;
+    set64 rest;
+} pairset;
+
+static int set64_add(set64 *s, uint64_t v);
+
+static uint64_t *pair_word(pairset *s, uint32_t tool, uint32_t other)
+{
+    if (other >= s->nrows) {
+        size_t n = s->nrows ? s->nrows : 1024;
+        while (n <= other)
+            n *= 2;
+        uint64_t *rows = realloc(s->rows, n * PAIR_WORDS * sizeof *rows);
+        if (!rows)
+            return NULL;
+        memset(rows + s->nrows * PAIR_WORDS, 0, (n - s->nrows) * PAIR_WORDS * sizeof *rows);
+        s->rows = rows;
+        s->nrows = n;
+    }
+    return &s->rows[(size_t)other * PAIR_WORDS + tool / 64];
+}
+
+static int pair_add(pairset *s, uint64_t pair)
+{
+    uint32_t tool = (uint32_t)(pair >> 32), other = (uint32_t)pair;
+    if (tool >= PAIR_TOOLS)
+        return set64_add(&s->rest, pair);
+    uint64_t *w = pair_word(s, tool, other);
+    if (!w)
+        return 0;
+    *w |= (uint64_t)1 << (tool % 64);
+    return 1;
+}
+
+static void pair_prefetch(pairset *s, uint64_t pair)
+{
+    uint32_t tool = (uint32_t)(pair >> 32), other = (uint32_t)pair;
+    if (tool >= PAIR_TOOLS) {
+        if (s->rest.cap)
+            __builtin_prefetch(&s->rest.slots[mix64(pair + 1) & (s->rest.cap - 1)]);
+    } else if (other < s->nrows) {
+        __builtin_prefetch(&s->rows[(size_t)other * PAIR_WORDS]);
+    }
+}
+
+/* Calls fn(arg, pair) for every pair in s; stops at the first 0 it returns. */
+static int pair_each(const pairset *s, int (*fn)(void *, uint64_t), void *arg)
+{
+    for (size_t r = 0; r < s->nrows; r++)
+        for (int w = 0; w < PAIR_WORDS; w++)
+            for (uint64_t bits = s->rows[r * PAIR_WORDS + w]; bits; bits &= bits - 1) {
+                uint64_t tool = (uint64_t)(w * 64 + __builtin_ctzll(bits));
+                if (!fn(arg, (tool << 32) | r))
+                    return 0;
+            }
+    for (size_t i = 0; i < s->rest.cap; i++)
+        if (s->rest.slots[i] && !fn(arg, s->rest.slots[i] - 1))
+            return 0;
+    return 1;
+}
+
+static void pair_free(pairset *s)
+{
+    free(s->rows);
+    free(s->rest.slots);
+    memset(s, 0, sizeof *s);
+}
+
 /* ------------------------------------------------------------------ tallies */
 
 typedef struct {
@@ -751,7 +821,7 @@ typedef struct {
     table notebooks; /* non-empty notebooks of the records counted */
     table tools;     /* kind, subject, detail, extra (per-tool kinds: NULL, NULL) */
     table kernels;   /* report kinds' kernels; count: of a per-tool kind; count2: started */
-    set64 tool_kernels, tool_notebooks; /* (tool id, kernel / notebook id) */
+    pairset tool_kernels, tool_notebooks; /* (tool id, kernel / notebook id) */
     /* A record's pairs are added with the next record's, once their slots are in cache. */
     uint64_t pending_kernel, pending_notebook;
     int has_pending_kernel, has_pending_notebook;
@@ -759,13 +829,11 @@ typedef struct {
     size_t keycap;
 } tally;
 
-static int set64_add(set64 *s, uint64_t v);
-
 static int flush_pairs(tally *t)
 {
-    if (t->has_pending_kernel && !set64_add(&t->tool_kernels, t->pending_kernel))
+    if (t->has_pending_kernel && !pair_add(&t->tool_kernels, t->pending_kernel))
         return 0;
-    if (t->has_pending_notebook && !set64_add(&t->tool_notebooks, t->pending_notebook))
+    if (t->has_pending_notebook && !pair_add(&t->tool_notebooks, t->pending_notebook))
         return 0;
     t->has_pending_kernel = t->has_pending_notebook = 0;
     return 1;
@@ -980,7 +1048,7 @@ static int add_record(tally *t, const fld *r, int kid)
     if (ke) {
         t->pending_kernel = ((uint64_t)tool->id << 32) | ke->id;
         t->has_pending_kernel = 1;
-        set64_prefetch(&t->tool_kernels, t->pending_kernel);
+        pair_prefetch(&t->tool_kernels, t->pending_kernel);
         if (per_tool)
             ke->count = 1;
         if (kid == K_STARTED)
@@ -989,7 +1057,7 @@ static int add_record(tally *t, const fld *r, int kid)
     if (nbe) {
         t->pending_notebook = ((uint64_t)tool->id << 32) | nbe->id;
         t->has_pending_notebook = 1;
-        set64_prefetch(&t->tool_notebooks, t->pending_notebook);
+        pair_prefetch(&t->tool_notebooks, t->pending_notebook);
     }
     return 1;
 }
@@ -1000,8 +1068,8 @@ static void tally_free(tally *t)
     table_free(&t->notebooks);
     table_free(&t->tools);
     table_free(&t->kernels);
-    free(t->tool_kernels.slots);
-    free(t->tool_notebooks.slots);
+    pair_free(&t->tool_kernels);
+    pair_free(&t->tool_notebooks);
     free(t->key);
     memset(t, 0, sizeof *t);
 }
@@ -1035,17 +1103,21 @@ static int merge_table(table *into, table *from, int groups, uint32_t **ids)
     return 1;
 }
 
-static int merge_pairs(set64 *into, set64 *from, const uint32_t *a, const uint32_t *b)
+typedef struct {
+    pairset *into;
+    const uint32_t *a, *b; /* from's tool and other ids -> into's */
+} remap;
+
+static int add_remapped(void *arg, uint64_t pair)
 {
-    for (size_t i = 0; i < from->cap; i++) {
-        uint64_t x = from->slots[i];
-        if (!x)
-            continue;
-        x--;
-        if (!set64_add(into, ((uint64_t)a[x >> 32] << 32) | b[x & 0xFFFFFFFFu]))
-            return 0;
-    }
-    return 1;
+    remap *m = arg;
+    return pair_add(m->into, ((uint64_t)m->a[pair >> 32] << 32) | m->b[pair & 0xFFFFFFFFu]);
+}
+
+static int merge_pairs(pairset *into, const pairset *from, const uint32_t *a, const uint32_t *b)
+{
+    remap m = {into, a, b};
+    return pair_each(from, add_remapped, &m);
 }
 
 static int tally_merge(tally *into, tally *from)
@@ -1741,18 +1813,26 @@ PyDoc_STRVAR(tally_result_doc,
 "groups: (kind, subject, detail, extra, host, platform, user, first, last, count) tuples;\n"
 "distinct: (kind, subject, detail, extra, kernels, notebooks) tuples.");
 
-static void count_pairs(set64 *pairs, table *tools, int second)
+typedef struct {
+    table *tools;
+    int second;
+} counting;
+
+static int count_pair(void *arg, uint64_t pair)
 {
-    for (size_t i = 0; i < pairs->cap; i++) {
-        uint64_t x = pairs->slots[i];
-        if (!x)
-            continue;
-        entry *tool = tools->list[(x - 1) >> 32];
-        if (second)
-            tool->count2++;
-        else
-            tool->count++;
-    }
+    counting *c = arg;
+    entry *tool = c->tools->list[pair >> 32];
+    if (c->second)
+        tool->count2++;
+    else
+        tool->count++;
+    return 1;
+}
+
+static void count_pairs(const pairset *pairs, table *tools, int second)
+{
+    counting c = {tools, second};
+    pair_each(pairs, count_pair, &c);
 }
 
 /* Append a tuple of the n new references in v to list (ok: all of them were made); the

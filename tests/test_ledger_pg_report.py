@@ -187,6 +187,31 @@ def test_canonical_records_need_no_sql_and_match(pg_ledger, split, monkeypatch):
         assert usage["kernels"] == 5 and usage["kernels_started"] == 5
 
 
+def test_many_tools_and_kernels_match_the_database(pg_ledger, split):
+    """Distinct kernels and notebooks per tool when tools outnumber the C tally's bit rows
+    (256) and their ids differ between ranges."""
+    rng = random.Random(11)
+    bodies = []
+    for i in range(1, 901):
+        tool = rng.randrange(320)
+        data = {"name": f"t{tool}", "distribution": f"dist-{tool}", "version": f"{tool % 7}.0"}
+        if i % 9 == 0:
+            data = {"kernel_id": f"k{i % 41}", "kernel_name": "python3"}
+        context = {"kernel_id": f"k{rng.randrange(41)}", "notebook": f"nb{rng.randrange(13)}"}
+        kind = "kernel_started" if i % 9 == 0 else "ai_ml_import"
+        bodies.append(json.dumps({"context": {**context, "user": "u"}, "data": data,
+                                  "kind": kind, "seq": i, "time": "2026-02-01T00:00:00Z"},
+                                 sort_keys=True, separators=(",", ":")))  # fmt: skip
+    insert_chain(pg_ledger.owner, bodies)
+    with open_ledger(pg_ledger.writer) as ledger:
+        expected = normal(ledger.aggregate())
+        assert len(expected[1]) > 256
+        for workers in (1, 4):
+            verification, usage = ledger.survey(workers=workers)
+            assert verification.ok and verification.records == 900
+            assert normal(usage) == expected, workers
+
+
 def test_report_equals_the_report_without_the_c_module(pg_ledger, split, monkeypatch):
     rng = random.Random(7)
     insert_chain(pg_ledger.owner, [tricky_body(rng, i) for i in range(1, 121)])
