@@ -496,12 +496,13 @@ end:
  * probing touches one array. Entries are numbered in order of insertion (id). */
 typedef struct entry_ {
     uint64_t h;
-    uint32_t klen, id;
+    uint32_t id;
+    uint32_t minlen, maxlen, mincap, maxcap;
     int64_t count, count2;
     char *min, *max; /* groups: first and last time (NULL: none) */
-    uint32_t minlen, maxlen, mincap, maxcap;
     char inl[2][32]; /* where min and max live while they fit */
     struct entry_ *tool; /* groups: the tool entry of the same tally, once looked up */
+    uint32_t klen;   /* next to the key: a lookup reads both from one cache line */
     char key[];
 } entry;
 
@@ -602,6 +603,18 @@ static int table_prefetch(table *t, uint64_t h)
         return 0;
     __builtin_prefetch(&t->slots[h & (t->cap - 1)]);
     return 1;
+}
+
+/* Once the slots have arrived: the first entry whose tag matches h brought into cache, so
+ * that the entries of a record's lookups are fetched together as well. */
+static void table_prefetch_entry(const table *t, uint64_t h)
+{
+    uint32_t tag = (uint32_t)(h >> 32);
+    for (size_t j = h & (t->cap - 1); t->slots[j].ref; j = (j + 1) & (t->cap - 1))
+        if (t->slots[j].tag == tag) {
+            __builtin_prefetch(&t->list[t->slots[j].ref - 1]->klen);
+            return;
+        }
 }
 
 /* The entry for key with hash h (created empty when new); NULL when out of memory. */
@@ -1010,6 +1023,11 @@ static int add_record(tally *t, const fld *r, int kid)
         if (!table_prefetch(&t->notebooks, nh))
             return 0;
     }
+    table_prefetch_entry(&t->groups, gh);
+    if (has_kernel)
+        table_prefetch_entry(&t->kernels, kh);
+    if (has_nb)
+        table_prefetch_entry(&t->notebooks, nh);
     entry *g = table_get_h(&t->groups, gk, gn, gh);
     if (!g)
         return 0;

@@ -285,6 +285,12 @@ def _tamper(url: str, how: str) -> None:
                 f"INSERT INTO {t} (seq, prev, hash, body) SELECT 0, prev, hash, body FROM {t} "
                 "WHERE seq = 1"
             )
+        elif how == "shifted":
+            # The same bytes in prev || hash || body: prev's last character moved to hash.
+            conn.execute(
+                f"UPDATE {t} SET prev = left(prev, 63), hash = right(prev, 1) || hash "
+                "WHERE seq = 14"
+            )
         elif how == "truncated-tail":
             conn.execute(f"DELETE FROM {t} WHERE seq > 25")
         conn.execute("ALTER TABLE dua_guard.ledger_records ENABLE TRIGGER ALL")
@@ -293,7 +299,7 @@ def _tamper(url: str, how: str) -> None:
 @pytest.mark.parametrize(
     "how",
     ["body", "hash", "prev", "gap", "deleted", "deleted-and-rechained", "swapped", "boundary",
-     "first", "below", "truncated-tail", "intact"],
+     "first", "below", "shifted", "truncated-tail", "intact"],
 )  # fmt: skip
 @pytest.mark.parametrize("ranges", ["blocks", "seq"])
 def test_tampering_gives_the_same_verdict_as_verify(pg_ledger, split, how, ranges, monkeypatch):
@@ -397,7 +403,7 @@ def test_backend_killed_mid_stream_is_one_line_error(pg_ledger):
             while not stop.is_set() and time.monotonic() < deadline:
                 rows = conn.execute(
                     "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                    "WHERE query LIKE 'COPY (SELECT seq, prev, hash, body%%' "
+                    "WHERE query LIKE 'COPY (SELECT seq, %%ledger_records%%' "
                     "AND state = 'active' AND pid <> pg_backend_pid()"
                 ).fetchall()
                 if rows:
