@@ -354,6 +354,8 @@ static void note_down(relay *r, const char *why) {
 
 /* Connect, bound the statements' waits, check the schema (Python words the verdict).
  * 0, or -1 with the reason in ``why``. */
+#define SUBMIT_STATEMENT "dua_guard_submit"
+
 static int connect_link(relay *r, link_t *l, char *why) {
     PGconn *conn = PQconnectdb(r->conninfo);
     if (!conn || PQstatus(conn) != CONNECTION_OK) {
@@ -401,6 +403,14 @@ static int connect_link(relay *r, link_t *l, char *why) {
         }
     }
     PQclear(meta);
+    if (!failed && has_schema) { /* parsed and resolved once per connection, not per call */
+        PGresult *prep = PQprepare(conn, SUBMIT_STATEMENT, r->call_sql, 2, NULL);
+        if (PQresultStatus(prep) != PGRES_COMMAND_OK) {
+            explain(r, "connect", PQerrorMessage(conn), NULL, NULL, why, NULL);
+            failed = 1;
+        }
+        PQclear(prep);
+    }
     if (failed) {
         PQfinish(conn);
         return -1;
@@ -505,7 +515,7 @@ static void start_call(relay *r, link_t *l) {
         return;
     }
     const char *values[2] = {l->heads.p, l->times.p};
-    int rc = PQsendQueryParams(l->conn, r->call_sql, 2, NULL, values, NULL, NULL, 0);
+    int rc = PQsendQueryPrepared(l->conn, SUBMIT_STATEMENT, 2, values, NULL, NULL, 0);
     int flushed = rc ? PQflush(l->conn) : -1;
     if (flushed < 0) {
         explain(r, "lost", PQerrorMessage(l->conn), NULL, NULL, why, NULL);
