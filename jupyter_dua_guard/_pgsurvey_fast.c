@@ -763,8 +763,6 @@ typedef struct {
     set64 rest;
 } pairset;
 
-static int set64_add(set64 *s, uint64_t v);
-
 static uint64_t *pair_word(pairset *s, uint32_t tool, uint32_t other)
 {
     if (other >= s->nrows) {

@@ -352,10 +352,10 @@ static void note_down(relay *r, const char *why) {
     r->down_until = now_s() + DOWN_SECONDS;
 }
 
+#define SUBMIT_STATEMENT "dua_guard_submit" /* prepared on each connection */
+
 /* Connect, bound the statements' waits, check the schema (Python words the verdict).
  * 0, or -1 with the reason in ``why``. */
-#define SUBMIT_STATEMENT "dua_guard_submit"
-
 static int connect_link(relay *r, link_t *l, char *why) {
     PGconn *conn = PQconnectdb(r->conninfo);
     if (!conn || PQstatus(conn) != CONNECTION_OK) {
