@@ -735,6 +735,12 @@ static int set64_grow(set64 *s)
     return 1;
 }
 
+static void set64_prefetch(const set64 *s, uint64_t v)
+{
+    if (s->cap)
+        __builtin_prefetch(&s->slots[mix64(v + 1) & (s->cap - 1)]);
+}
+
 static int set64_add(set64 *s, uint64_t v)
 {
     if (!set64_grow(s))
@@ -795,8 +801,7 @@ static void pair_prefetch(pairset *s, uint64_t pair)
 {
     uint32_t tool = (uint32_t)(pair >> 32), other = (uint32_t)pair;
     if (tool >= PAIR_TOOLS) {
-        if (s->rest.cap)
-            __builtin_prefetch(&s->rest.slots[mix64(pair + 1) & (s->rest.cap - 1)]);
+        set64_prefetch(&s->rest, pair);
     } else if (other < s->nrows) {
         __builtin_prefetch(&s->rows[(size_t)other * PAIR_WORDS]);
     }
